@@ -1,0 +1,8 @@
+import importlib.metadata
+
+from ._adjoint.reversible import ReversibleAdjoint as ReversibleAdjoint
+from ._solver.base import AbstractReversibleSolver as AbstractReversibleSolver
+from ._solver.reversible_heun import ReversibleHeun as ReversibleHeun
+
+
+__version__ = importlib.metadata.version("diffrax-extras")
