@@ -144,6 +144,14 @@ class ReversibleAdjoint(AbstractAdjoint):
             saveat,
             replace_fn=lambda ts: nondifferentiable(ts, msg=_no_time_grad("saveat.ts")),
         )
+        # diffrax wraps each `SubSaveAt.fn` in a closure over traced values (the time
+        # direction); converting makes those explicit arrays, so that the backward
+        # pass, traced separately, can call `fn` too.
+        saveat = jtu.tree_map(
+            lambda sub: _closure_convert_fn(sub, t0, init_state.y, args),
+            saveat,
+            is_leaf=_is_subsaveat,
+        )
         # Step sizes are not differentiated through (diffrax's own controllers
         # `stop_gradient` them too), so neither is the controller's state.
         init_state = eqx.tree_at(
@@ -186,6 +194,13 @@ def _no_time_grad(name: str) -> str:
         f"it in `jax.lax.stop_gradient`, or use "
         "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for this gradient."
     )
+
+
+def _closure_convert_fn(sub, t, y, args):
+    if not _is_subsaveat(sub):
+        return sub
+    fn = eqx.filter_closure_convert(sub.fn, t, y, args)
+    return eqx.tree_at(lambda s: s.fn, sub, fn)
 
 
 def _get_subsaveat_ts(saveat):

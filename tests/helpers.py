@@ -1,0 +1,209 @@
+"""Problems and checks shared by the test files.
+
+Every problem is a small neural differential equation whose parameters, initial value
+and (for CDEs) control coefficients are all differentiated, so that one gradient
+comparison covers `y0`, `args` and `terms` at once.
+"""
+
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+
+
+T0, T1 = 0.0, 1.0
+SAVE_TS = np.linspace(0.13, 0.97, 6)
+JUMP_TS = np.array([0.31, 0.52])
+STEP_TS = np.array([0.77])
+
+CONTROLLERS: dict[str, Callable[[], Any]] = {
+    "constant": lambda: dfx.ConstantStepSize(),
+    "step_to": lambda: dfx.StepTo(ts=np.linspace(T0, T1, 23)),
+    "pid": lambda: dfx.PIDController(rtol=1e-3, atol=1e-5),
+    "clip": lambda: dfx.ClipStepSizeController(
+        dfx.PIDController(rtol=1e-3, atol=1e-5), jump_ts=JUMP_TS, step_ts=STEP_TS
+    ),
+}
+
+SAVEATS: dict[str, Callable[[], dfx.SaveAt]] = {
+    "t1": lambda: dfx.SaveAt(t1=True),
+    "t0_t1_ts": lambda: dfx.SaveAt(t0=True, t1=True, ts=SAVE_TS),
+    "steps": lambda: dfx.SaveAt(steps=True),
+    "subs_fn": lambda: dfx.SaveAt(
+        subs=[
+            dfx.SubSaveAt(ts=SAVE_TS, fn=lambda t, y, args: jtu.tree_leaves(y)[0] ** 2),
+            dfx.SubSaveAt(t1=True, steps=3, fn=lambda t, y, args: jtu.tree_leaves(y)),
+        ]
+    ),
+}
+
+
+class PyTreeField(eqx.Module):
+    """A vector field on the PyTree state `{"x": (2,), "v": (3,)}`."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        z = jnp.concatenate([y["x"], y["v"]])
+        out = self.mlp(z) * (1 + t) * args
+        return {"x": out[:2], "v": out[2:]}
+
+
+class CDEField(eqx.Module):
+    mlp: eqx.nn.MLP
+    hidden: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __call__(self, t, y, args):
+        return (self.mlp(y) * args).reshape(self.hidden, self.channels)
+
+
+class Drift(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return self.mlp(y) * args
+
+
+class Diffusion(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, t, y, args):
+        return jnp.tanh(self.weight * y[:, None])
+
+
+def _mlp(n_in, n_out, key, dtype):
+    return eqx.nn.MLP(n_in, n_out, 8, 2, activation=jnp.tanh, key=key, dtype=dtype)
+
+
+def make_problem(kind: str, dtype=jnp.float64):
+    """Returns `(params, build)`: `params` is a PyTree of everything differentiated;
+    `build(params) -> (terms, y0, args)`."""
+    k1, k2, k3 = jr.split(jr.PRNGKey(5678), 3)
+    if kind == "ode":
+        params = dict(
+            field=PyTreeField(_mlp(5, 5, k1, dtype)),
+            y0={
+                "x": jnp.array([0.5, -0.2], dtype),
+                "v": jnp.array([0.1, 0.3, -0.4], dtype),
+            },
+            args=jnp.array(1.3, dtype),
+        )
+
+        def build(p):
+            return dfx.ODETerm(p["field"]), p["y0"], p["args"]
+
+    elif kind == "cde":
+        hidden, channels = 3, 2
+        ts = jnp.linspace(T0, T1, 11, dtype=dtype)
+        xs = jnp.stack([ts, jnp.sin(4 * ts)], axis=-1)
+        params = dict(
+            field=CDEField(
+                _mlp(hidden, hidden * channels, k1, dtype), hidden, channels
+            ),
+            coeffs=dfx.backward_hermite_coefficients(ts, xs),
+            y0=jnp.array([0.2, -0.1, 0.4], dtype),
+            args=jnp.array(0.9, dtype),
+        )
+
+        def build(p):
+            control = dfx.CubicInterpolation(ts, p["coeffs"])
+            return dfx.ControlTerm(p["field"], control).to_ode(), p["y0"], p["args"]
+
+    elif kind == "sde":
+        bm = dfx.VirtualBrownianTree(
+            T0, T1, tol=2**-10, shape=(3,), key=k3, levy_area=dfx.BrownianIncrement
+        )
+        params = dict(
+            drift=Drift(_mlp(3, 3, k1, dtype)),
+            diffusion=Diffusion(0.5 * jr.normal(k2, (3, 3), dtype)),
+            y0=jnp.array([0.3, -0.5, 0.1], dtype),
+            args=jnp.array(0.8, dtype),
+        )
+
+        def build(p):
+            terms = dfx.MultiTerm(
+                dfx.ODETerm(p["drift"]), dfx.ControlTerm(p["diffusion"], bm)
+            )
+            return terms, p["y0"], p["args"]
+
+    else:
+        raise ValueError(kind)
+    return params, build
+
+
+def _safe_sum(ys, weight_key=0):
+    """A nonlinear scalar loss of saved outputs, ignoring the `inf` padding that
+    `SaveAt(steps=True)` leaves in unused slots."""
+    total = 0.0
+    for i, leaf in enumerate(jtu.tree_leaves(ys)):
+        finite = jnp.isfinite(leaf)
+        safe = jnp.where(finite, leaf, 0)
+        weights = jnp.cos(jnp.arange(leaf.size, dtype=leaf.dtype) + i + weight_key)
+        total = total + jnp.sum(
+            jnp.where(finite, jnp.sin(safe), 0) * weights.reshape(leaf.shape)
+        )
+    return total
+
+
+def make_loss(
+    kind: str,
+    solver: dfx.AbstractSolver,
+    adjoint: dfx.AbstractAdjoint,
+    controller: str = "constant",
+    saveat: str = "t1",
+    dt0: float = 0.05,
+    max_steps: int = 1024,
+):
+    """A jitted `loss(params)` for one problem, built from the tables above."""
+    params, build = make_problem(kind)
+    ctrl = CONTROLLERS[controller]()
+    save = SAVEATS[saveat]()
+    if isinstance(ctrl, dfx.StepTo):
+        dt0 = None
+
+    @eqx.filter_jit
+    def loss(p):
+        terms, y0, args = build(p)
+        sol = dfx.diffeqsolve(
+            terms,
+            solver,
+            T0,
+            T1,
+            dt0,
+            y0,
+            args=args,
+            saveat=save,
+            stepsize_controller=ctrl,
+            adjoint=adjoint,
+            max_steps=max_steps,
+        )
+        return _safe_sum(sol.ys)
+
+    return loss, params
+
+
+@ft.cache
+def grad_of(kind, solver, adjoint, controller="constant", saveat="t1"):
+    """The jitted gradient for one configuration, compiled once per test session."""
+    loss, params = make_loss(kind, solver, adjoint, controller, saveat)
+    return eqx.filter_jit(eqx.filter_grad(loss)), params
+
+
+def max_relative_error(reference, other) -> float:
+    """The largest, over leaves, of max|reference - other| / max|reference|."""
+    errors = []
+    for a, b in zip(jtu.tree_leaves(reference), jtu.tree_leaves(other), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        scale = max(np.max(np.abs(a), initial=0.0), np.finfo(a.dtype).tiny)
+        errors.append(np.max(np.abs(a - b), initial=0.0) / scale)
+    return max(errors)
