@@ -120,8 +120,8 @@ def test_vmap_and_grad_compose():
             jax.grad(lambda yi, pi: loss(yi, pi, adj), argnums=(0, 1))
         )(y0, a),
     ):
-        ref = jax.jit(lambda: adjoint_grad(dfx.RecursiveCheckpointAdjoint()))()
-        rev = jax.jit(lambda: adjoint_grad(dxe.ReversibleAdjoint()))()
+        ref = jax.jit(adjoint_grad, static_argnums=0)(dfx.RecursiveCheckpointAdjoint())
+        rev = jax.jit(adjoint_grad, static_argnums=0)(dxe.ReversibleAdjoint())
         assert max_relative_error(ref, rev) < EXACT
 
 

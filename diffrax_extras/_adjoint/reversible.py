@@ -367,6 +367,7 @@ class _SaveCotangent(eqx.Module):
         # The forward loop saves `ts[k]` in the first accepted step whose end is at
         # or after it, so the number of outputs of `ts` written up to a step is this.
         ts = self.sub.ts
+        assert ts is not None
         return jnp.searchsorted(ts, t, side="right").astype(jnp.int32)
 
     def _steps_before(self, i):
@@ -440,7 +441,8 @@ class _SaveCotangent(eqx.Module):
     ):
         """The outputs at `ts` that accepted step `i` reached, by its interpolation."""
         sub = self.sub
-        if sub.ts is None:
+        ts = sub.ts
+        if ts is None:
             return ct_dense, ct_args
         tnext_before = jnp.where(
             i > 0, self.record.tnext[jnp.maximum(i - 1, 0)], -jnp.inf
@@ -459,7 +461,7 @@ class _SaveCotangent(eqx.Module):
 
         def body_fun(carry):
             k, _ct_dense, _ct_args = carry
-            t = sub.ts[k]
+            t = ts[k]
             out, vjp_fn = eqx.filter_vjp(lambda d, a: _save(d, a, t), dense_info, args)
             ct_d, ct_a = vjp_fn(materialise_cotangent(out, self._ct_at(offset + k)))
             return k + 1, tree_add(_ct_dense, ct_d), tree_add(_ct_args, ct_a)
