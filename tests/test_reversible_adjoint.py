@@ -13,7 +13,6 @@ from .helpers import (
     CONTROLLERS,
     grad_of,
     make_loss,
-    make_problem,
     max_relative_error,
     SAVEATS,
 )
@@ -290,5 +289,4 @@ def test_pytree_structure_of_gradients():
     assert jtu.tree_structure(eqx.filter(grads, eqx.is_array)) == jtu.tree_structure(
         eqx.filter(params, eqx.is_array)
     )
-    _, build = make_problem("ode")
     assert set(grads["y0"]) == {"x", "v"}
