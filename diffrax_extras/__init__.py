@@ -1,7 +1,9 @@
 import importlib.metadata
 
 from ._adjoint.reversible import ReversibleAdjoint as ReversibleAdjoint
+from ._solver.asynchronous_leapfrog import AsynchronousLeapfrog as AsynchronousLeapfrog
 from ._solver.base import AbstractReversibleSolver as AbstractReversibleSolver
+from ._solver.reversible import Reversible as Reversible
 from ._solver.reversible_heun import ReversibleHeun as ReversibleHeun
 
 

@@ -1,9 +1,13 @@
-"""PyTree helpers for cotangents, shared by the solvers and the adjoints."""
+"""PyTree and argument-checking helpers shared by the solvers and the adjoints."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
+import numpy as np
+from jaxtyping import ArrayLike, PyTree
+
+from ._diffrax_internals import RealScalarLike
 
 
 def _is_none(x) -> bool:
@@ -42,3 +46,54 @@ def tree_add(a: PyTree, b: PyTree) -> PyTree:
         return x + y
 
     return jtu.tree_map(_add, a, b, is_leaf=_is_none)
+
+
+def tree_lincomb(*terms: tuple[ArrayLike, PyTree]) -> PyTree:
+    """`sum(c * x for c, x in terms)` over PyTrees of the same structure.
+
+    Each coefficient is cast to the dtype of the leaf it multiplies, so that a float64
+    coefficient scales a float32 state without promoting it (and without tripping
+    `jax_numpy_dtype_promotion="strict"`).
+    """
+    coeffs = [c for c, _ in terms]
+    trees = [x for _, x in terms]
+
+    def _combine(*leaves):
+        out = None
+        for c, leaf in zip(coeffs, leaves, strict=True):
+            scaled = jnp.asarray(c, dtype=jnp.result_type(leaf)) * leaf
+            out = scaled if out is None else out + scaled
+        return out
+
+    return jtu.tree_map(_combine, *trees)
+
+
+def tree_sum_leading(tree: PyTree) -> PyTree:
+    """Sums every array leaf over its leading axis, keeping `None`s."""
+    return jtu.tree_map(lambda x: jnp.sum(x, axis=0), tree)
+
+
+def check_in_interval(
+    value: RealScalarLike,
+    name: str,
+    lower: float,
+    upper: float,
+    advice: str,
+) -> RealScalarLike:
+    """Checks `lower < value <= upper` for a solver parameter.
+
+    A concrete value is checked at once, with a `ValueError`; a traced one (a parameter
+    under `jax.vmap` or `jax.jit`) with `equinox.error_if` when the solve runs.
+    """
+    msg = f"`{name}` must lie in ({lower}, {upper}], but got {{}}. {advice}"
+    try:
+        concrete = np.asarray(value)
+    except jax.errors.TracerArrayConversionError:
+        concrete = None
+    if concrete is None:
+        return eqx.error_if(
+            value, (value <= lower) | (value > upper), msg.format("a value outside")
+        )
+    if not np.all((concrete > lower) & (concrete <= upper)):
+        raise ValueError(msg.format(value))
+    return value

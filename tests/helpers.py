@@ -72,6 +72,13 @@ class Drift(eqx.Module):
         return self.mlp(y) * args
 
 
+class AdditiveDiffusion(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, t, y, args):
+        return self.weight * args
+
+
 class Diffusion(eqx.Module):
     weight: jax.Array
 
@@ -117,13 +124,18 @@ def make_problem(kind: str, dtype=jnp.float64):
             control = dfx.CubicInterpolation(ts, p["coeffs"])
             return dfx.ControlTerm(p["field"], control).to_ode(), p["y0"], p["args"]
 
-    elif kind == "sde":
+    elif kind in ("sde", "sde_levy", "sde_additive"):
+        # "sde_levy" and "sde_additive" also sample the space-time Levy area that SRK
+        # solvers need; "sde_additive" has additive noise, for ShARK and SRA1.
+        levy_area = dfx.BrownianIncrement if kind == "sde" else dfx.SpaceTimeLevyArea
         bm = dfx.VirtualBrownianTree(
-            T0, T1, tol=2**-10, shape=(3,), key=k3, levy_area=dfx.BrownianIncrement
+            T0, T1, tol=2**-10, shape=(3,), key=k3, levy_area=levy_area
         )
         params = dict(
             drift=Drift(_mlp(3, 3, k1, dtype)),
-            diffusion=Diffusion(0.5 * jr.normal(k2, (3, 3), dtype)),
+            diffusion=(AdditiveDiffusion if kind == "sde_additive" else Diffusion)(
+                0.5 * jr.normal(k2, (3, 3), dtype)
+            ),
             y0=jnp.array([0.3, -0.5, 0.1], dtype),
             args=jnp.array(0.8, dtype),
         )
@@ -207,3 +219,88 @@ def max_relative_error(reference, other) -> float:
         scale = max(np.max(np.abs(a), initial=0.0), np.finfo(a.dtype).tiny)
         errors.append(np.max(np.abs(a - b), initial=0.0) / scale)
     return max(errors)
+
+
+#
+# Reversible solvers: inversion and convergence, shared by every solver's test file.
+#
+
+
+def forward_then_back(solver, terms, y0, args, ts, made_jumps):
+    """Steps forward over `ts` with `step`, then back with `backward_step`.
+
+    Returns `(y0 reconstructed, forward dense infos, backward dense infos)`.
+    """
+    state = solver.init(terms, ts[0], ts[1], y0, args)
+    y = y0
+    forward, backward = [], []
+    for i in range(len(ts) - 1):
+        y, _, dense, state, _ = solver.step(
+            terms, ts[i], ts[i + 1], y, args, state, made_jumps[i]
+        )
+        forward.append(dense)
+    for i in reversed(range(len(ts) - 1)):
+        jump_at_t1 = made_jumps[i + 1] if i + 1 < len(ts) - 1 else False
+        y, dense, state, _ = solver.backward_step(
+            terms, ts[i], ts[i + 1], y, args, state, jump_at_t1
+        )
+        backward.append(dense)
+    return y, forward, backward[::-1]
+
+
+def reconstruction_error(solver, kind: str = "ode", num_steps: int = 1000) -> float:
+    """Relative error of `y0` after `num_steps` steps forward and as many back."""
+    params, build = make_problem(kind)
+    terms, y0, args = build(params)
+    ts = jnp.linspace(T0, T1, num_steps + 1)
+
+    @jax.jit
+    def run(y0):
+        state = solver.init(terms, ts[0], ts[1], y0, args)
+
+        def fwd(carry, i):
+            y, state = carry
+            y, _, _, state, _ = solver.step(
+                terms, ts[i], ts[i + 1], y, args, state, False
+            )
+            return (y, state), None
+
+        def bwd(carry, i):
+            y, state = carry
+            y, _, state, _ = solver.backward_step(
+                terms, ts[i], ts[i + 1], y, args, state, False
+            )
+            return (y, state), None
+
+        carry, _ = jax.lax.scan(fwd, (y0, state), jnp.arange(num_steps))
+        (y, _), _ = jax.lax.scan(bwd, carry, jnp.arange(num_steps), reverse=True)
+        return y
+
+    return max_relative_error(y0, run(y0))
+
+
+def _rotation_field(t, y, args):
+    return jnp.stack([y[1], -y[0]]) * (1 + 0.5 * t)
+
+
+def measured_order(solver, dts, t1: float = 2.0) -> tuple[float, list[float]]:
+    """The convergence order of `solver` on `y' = (1 + t/2) J y`, whose exact solution
+    is a rotation by `t + t^2/4`, fitted over the constant step sizes `dts`."""
+    theta = t1 + 0.25 * t1**2
+    exact = np.array([np.cos(theta), -np.sin(theta)])
+
+    @jax.jit
+    def final(dt):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(_rotation_field),
+            solver,
+            0.0,
+            t1,
+            dt,
+            jnp.array([1.0, 0.0]),
+            max_steps=20000,
+        ).ys[-1]
+
+    errors = [float(np.max(np.abs(np.asarray(final(dt)) - exact))) for dt in dts]
+    order = np.polyfit(np.log(dts), np.log(errors), 1)[0]
+    return float(order), errors

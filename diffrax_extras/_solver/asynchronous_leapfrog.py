@@ -1,0 +1,260 @@
+from collections.abc import Callable
+from typing import ClassVar, TypeAlias
+
+import equinox as eqx
+import jax
+import numpy as np
+from diffrax import (
+    AbstractAdaptiveSolver,
+    AbstractTerm,
+    LocalLinearInterpolation,
+    RESULTS,
+)
+from jaxtyping import PyTree
+
+from .._diffrax_internals import (
+    Args,
+    BoolScalarLike,
+    DenseInfo,
+    is_sde,
+    RealScalarLike,
+    VF,
+    Y,
+)
+from .._misc import check_in_interval, materialise_cotangent, tree_add, tree_lincomb
+from .base import AbstractReversibleSolver
+
+
+# The solver state is `v`, the carried approximation of the vector field.
+_SolverState: TypeAlias = VF
+
+
+class AsynchronousLeapfrog(
+    AbstractReversibleSolver[_SolverState], AbstractAdaptiveSolver
+):
+    r"""The damped asynchronous leapfrog method of MALI, with an exact inverse.
+
+    The state is $(y, v)$ with $v_0 = f(t_0, y_0)$. With damping $\eta \in (1/2, 1]$
+    and $\Delta X$ the control increment over the step ($h$ for an ODE), a step is
+
+    $$\tilde{y} = y_0 + \tfrac{1}{2} v_0 \Delta X, \quad
+    \tilde{v} = f(t_0 + \tfrac{h}{2}, \tilde{y}), \quad
+    v_1 = v_0 + 2\eta(\tilde{v} - v_0), \quad
+    y_1 = \tilde{y} + \tfrac{1}{2} v_1 \Delta X,$$
+
+    and its exact inverse is $\tilde{y} = y_1 - \frac{1}{2} v_1 \Delta X$,
+    $v_0 = (2\eta\tilde{v} - v_1)/(2\eta - 1)$, $y_0 = \tilde{y} - \frac{1}{2} v_0
+    \Delta X$. One vector-field evaluation per step, order 2 (order 1 when damped),
+    and an embedded error
+    estimate $\frac{1}{2}(\tilde{v} - v_0)\Delta X$ for adaptive step sizes. Dense
+    output is linear between steps.
+
+    Solves ODEs and CDEs. SDEs are refused: the carried $v$ is not known to converge
+    for rough controls; use [`diffrax_extras.ReversibleHeun`][] or
+    [`diffrax_extras.Reversible`][] around a Stratonovich solver instead.
+
+    !!! tip "Damping"
+
+        With $\eta = 1$ (no damping) the method is stable on the imaginary segment
+        $i[-1, 1]$ only, like [`diffrax_extras.ReversibleHeun`][]: the error of $v$
+        oscillates without decaying. With $\eta < 1$ that error is multiplied by
+        $1 - 2\eta$ each step and the stability region grows into the left
+        half-plane, while the inverse step divides by $2\eta - 1$, so reconstruction
+        errors grow by up to $1/(2\eta - 1)$ a step: over $N$ steps by
+        $(2\eta - 1)^{-N}$, e.g. about $10^{9}$ for $\eta = 0.99$ and $N = 1000$.
+        Keep $\eta = 1$ for long solves with [`diffrax_extras.ReversibleAdjoint`][];
+        use damping only for short solves of dissipative problems, and check the
+        gradient against `diffrax.RecursiveCheckpointAdjoint` once.
+
+    !!! note "Jumps"
+
+        Like `diffrax.LeapfrogMidpoint`, the method carries $v$ across `jump_ts`
+        unchanged: re-evaluating it would lose the information needed to step
+        backwards. The first steps after a jump are then first-order accurate.
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @inproceedings{zhuang2021mali,
+            title={{MALI}: A memory efficient and reverse accurate integrator for
+                   {N}eural {ODE}s},
+            author={Zhuang, Juntang and Dvornek, Nicha C and Tatikonda, Sekhar and
+                    Duncan, James S},
+            booktitle={International Conference on Learning Representations},
+            year={2021}
+        }
+        ```
+    """
+
+    damping: RealScalarLike = 1.0
+
+    term_structure: ClassVar = AbstractTerm
+    interpolation_cls: ClassVar[Callable[..., LocalLinearInterpolation]] = (
+        LocalLinearInterpolation
+    )
+
+    def __check_init__(self):
+        check_in_interval(self.damping, "damping", 0.5, 1.0, _DAMPING_ADVICE)
+
+    def order(self, terms: PyTree[AbstractTerm]) -> int | None:
+        # Overall y1 = y0 + h((1 - eta) v0 + eta v_mid): the midpoint rule, of second
+        # order, only when eta = 1.
+        try:
+            undamped = bool(np.asarray(self.damping) == 1)
+        except jax.errors.TracerArrayConversionError:
+            undamped = False
+        return 2 if undamped else 1
+
+    def error_order(self, terms: PyTree[AbstractTerm]) -> RealScalarLike | None:
+        # The estimate (h/2)(v_mid - v0) is O(h^2) whatever the damping.
+        return 2
+
+    def strong_order(self, terms: PyTree[AbstractTerm]) -> RealScalarLike | None:
+        return None
+
+    def init(
+        self,
+        terms: AbstractTerm,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+    ) -> _SolverState:
+        del t1
+        if is_sde(terms):
+            raise ValueError(
+                "`AsynchronousLeapfrog()` solves ODEs and CDEs, not SDEs. Use "
+                "`diffrax_extras.ReversibleHeun()` or `diffrax_extras.Reversible("
+                "diffrax.Heun())` for an SDE."
+            )
+        return terms.vf(t0, y0, args)
+
+    def _damping(self) -> RealScalarLike:
+        return check_in_interval(self.damping, "damping", 0.5, 1.0, _DAMPING_ADVICE)
+
+    @staticmethod
+    def _midpoint(terms, t0, t1, y0, v0):
+        """The half step to the midpoint: `(t_mid, y_mid)`."""
+        control = terms.contr(t0, t1)
+        return t0 + 0.5 * (t1 - t0), tree_lincomb(
+            (1, y0), (0.5, terms.prod(v0, control))
+        )
+
+    def _finish(self, terms, t0, t1, y0, v0, v_mid):
+        """Everything after the vector-field evaluation: `(y1, y_error, v1)`."""
+        eta = self._damping()
+        control = terms.contr(t0, t1)
+        _, y_mid = self._midpoint(terms, t0, t1, y0, v0)
+        v1 = tree_lincomb((1 - 2 * eta, v0), (2 * eta, v_mid))
+        y1 = tree_lincomb((1, y_mid), (0.5, terms.prod(v1, control)))
+        v_diff = tree_lincomb((1, v_mid), (-1, v0))
+        y_error = tree_lincomb((0.5, terms.prod(v_diff, control)))
+        return y1, y_error, v1
+
+    def step(
+        self,
+        terms: AbstractTerm,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+    ) -> tuple[Y, Y, DenseInfo, _SolverState, RESULTS]:
+        del made_jump  # See the note on jumps in the docstring.
+        v0 = solver_state
+        t_mid, y_mid = self._midpoint(terms, t0, t1, y0, v0)
+        v_mid = terms.vf(t_mid, y_mid, args)
+        y1, y_error, v1 = self._finish(terms, t0, t1, y0, v0, v_mid)
+        return y1, y_error, dict(y0=y0, y1=y1), v1, RESULTS.successful
+
+    def _reconstruct(self, terms, t0, t1, y1, v1, vf):
+        eta = self._damping()
+        control = terms.contr(t0, t1)
+        t_mid = t0 + 0.5 * (t1 - t0)
+        y_mid = tree_lincomb((1, y1), (-0.5, terms.prod(v1, control)))
+        v_mid, extra = vf(t_mid, y_mid)
+        v0 = tree_lincomb((2 * eta / (2 * eta - 1), v_mid), (-1 / (2 * eta - 1), v1))
+        y0 = tree_lincomb((1, y_mid), (-0.5, terms.prod(v0, control)))
+        return y0, v0, v_mid, extra
+
+    def backward_step(
+        self,
+        terms: AbstractTerm,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+    ) -> tuple[Y, DenseInfo, _SolverState, RESULTS]:
+        del made_jump
+        y0, v0, _, _ = self._reconstruct(
+            terms, t0, t1, y1, solver_state, lambda t, y: (terms.vf(t, y, args), None)
+        )
+        return y0, dict(y0=y0, y1=y1), v0, RESULTS.successful
+
+    def backward_step_vjp(
+        self,
+        terms: AbstractTerm,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump0: BoolScalarLike,
+        made_jump1: BoolScalarLike,
+    ) -> tuple[Y, DenseInfo, _SolverState, RESULTS, Callable]:
+        # The step is `finish(midpoint(y0, v0), f(midpoint(y0, v0)))`. The
+        # reconstruction evaluates f at the midpoint, so it takes the VJP of f there;
+        # the linear maps around it are cheap to differentiate again.
+        del made_jump0, made_jump1
+
+        def vf(t, y):
+            return eqx.filter_vjp(
+                lambda _y, _a, _terms: _terms.vf(t, _y, _a), y, args, terms
+            )
+
+        y0, v0, v_mid, vf_vjp = self._reconstruct(terms, t0, t1, y1, solver_state, vf)
+        dense_info = dict(y0=y0, y1=y1)
+
+        def finish(_y0, _v0, _v_mid, _terms):
+            _y1, _, _v1 = self._finish(_terms, t0, t1, _y0, _v0, _v_mid)
+            return _y1, dict(y0=_y0, y1=_y1), _v1
+
+        def midpoint(_y0, _v0, _terms):
+            return self._midpoint(_terms, t0, t1, _y0, _v0)[1]
+
+        def pullback(cotangents):
+            out, finish_vjp = eqx.filter_vjp(finish, y0, v0, v_mid, terms)
+            ct_y0, ct_v0, ct_v_mid, ct_terms = finish_vjp(
+                materialise_cotangent(out, cotangents)
+            )
+            ct_y_mid, ct_args, ct_terms_vf = vf_vjp(ct_v_mid)
+            y_mid, midpoint_vjp = eqx.filter_vjp(midpoint, y0, v0, terms)
+            ct_y0_mid, ct_v0_mid, ct_terms_mid = midpoint_vjp(
+                materialise_cotangent(y_mid, ct_y_mid)
+            )
+            return (
+                tree_add(ct_y0, ct_y0_mid),
+                tree_add(ct_v0, ct_v0_mid),
+                ct_args,
+                tree_add(ct_terms, tree_add(ct_terms_vf, ct_terms_mid)),
+            )
+
+        return y0, dense_info, v0, RESULTS.successful, pullback
+
+    def func(self, terms: AbstractTerm, t0: RealScalarLike, y0: Y, args: Args) -> VF:
+        return terms.vf(t0, y0, args)
+
+
+AsynchronousLeapfrog.__init__.__doc__ = """**Arguments:**
+
+- `damping`: the damping $\\eta \\in (1/2, 1]$. Defaults to `1.0` (no damping), as in
+    MALI; see the tip above for the trade-off.
+"""
+
+_DAMPING_ADVICE = (
+    "Use `damping=1.0` (no damping, as in MALI) or a value a little below it; "
+    "at 0.5 the inverse step does not exist."
+)

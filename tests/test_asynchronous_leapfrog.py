@@ -1,0 +1,129 @@
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffrax_extras as dxe
+
+from .helpers import (
+    CONTROLLERS,
+    forward_then_back,
+    grad_of,
+    make_problem,
+    max_relative_error,
+    measured_order,
+    reconstruction_error,
+    SAVEATS,
+)
+
+
+SOLVER = dxe.AsynchronousLeapfrog()
+EXACT = 1e-10  # float64; the adjoint reconstructs states to rounding error only
+
+GRADIENT_CASES = [("ode", c, s) for c, s in zip(CONTROLLERS, SAVEATS, strict=True)] + [
+    ("cde", "pid", "t0_t1_ts")
+]
+
+
+@pytest.mark.parametrize("kind, controller, saveat", GRADIENT_CASES)
+def test_gradient_matches_recursive_checkpoint(kind, controller, saveat):
+    grad_ref, params = grad_of(
+        kind, SOLVER, dfx.RecursiveCheckpointAdjoint(), controller, saveat
+    )
+    grad_rev, _ = grad_of(kind, SOLVER, dxe.ReversibleAdjoint(), controller, saveat)
+    assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
+
+
+def test_gradient_with_damping():
+    solver = dxe.AsynchronousLeapfrog(damping=0.9)
+    grad_ref, params = grad_of("ode", solver, dfx.RecursiveCheckpointAdjoint())
+    grad_rev, _ = grad_of("ode", solver, dxe.ReversibleAdjoint())
+    # The inverse step divides the error of v by 2 * 0.9 - 1 = 0.8: over these 20
+    # steps rounding grows by 1.25^20 ~ 90.
+    assert max_relative_error(grad_ref(params), grad_rev(params)) < 1e-8
+
+
+@pytest.mark.parametrize("damping, expected", [(1.0, 2), (0.9, 1)])
+def test_order(damping, expected):
+    solver = dxe.AsynchronousLeapfrog(damping)
+    order, errors = measured_order(solver, [0.02, 0.01, 0.005, 0.0025])
+    assert abs(order - expected) < 0.2, (order, errors)
+    assert solver.order(dfx.ODETerm(lambda t, y, a: y)) == expected
+
+
+@pytest.mark.parametrize("kind", ["ode", "cde"])
+def test_backward_step_inverts_step(kind):
+    params, build = make_problem(kind)
+    terms, y0, args = build(params)
+    ts = np.linspace(0.0, 1.0, 9)
+    # Jumps are ignored (v is carried across them), so the inverse holds through them.
+    jumps = [False, False, True, False, False, True, False, False]
+    y0_back, forward, backward = jax.jit(
+        lambda: forward_then_back(SOLVER, terms, y0, args, ts, jumps)
+    )()
+    assert max_relative_error(y0, y0_back) < 1e-12
+    assert max_relative_error(forward, backward) < 1e-12
+
+
+def test_reconstruction_after_many_steps():
+    assert reconstruction_error(SOLVER) < 1e-11
+
+
+def test_fused_backward_step_matches_backward_step():
+    params, build = make_problem("ode")
+    terms, y0, args = build(params)
+    state = SOLVER.init(terms, 0.0, 0.1, y0, args)
+    y1, _, _, state1, _ = SOLVER.step(terms, 0.0, 0.1, y0, args, state, False)
+    plain = SOLVER.backward_step(terms, 0.0, 0.1, y1, args, state1, False)
+    fused = SOLVER.backward_step_vjp(terms, 0.0, 0.1, y1, args, state1, False, False)
+    # The same operations on the same inputs; only fusion may change the rounding.
+    assert max_relative_error(plain[:3], fused[:3]) < 1e-13
+
+
+def test_adaptive_stepping_reaches_tolerance():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y * jnp.cos(t)),
+        SOLVER,
+        0.0,
+        3.0,
+        None,
+        jnp.array([1.0]),
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+    )
+    assert jnp.abs(sol.ys[-1, 0] - jnp.exp(-jnp.sin(3.0))) < 1e-4
+    assert sol.stats["num_rejected_steps"] < sol.stats["num_accepted_steps"]
+
+
+@pytest.mark.parametrize("damping", [0.5, 0.2, 1.2])
+def test_refuses_damping_outside_range(damping):
+    with pytest.raises(ValueError, match=r"`damping` must lie in \(0.5, 1.0\]"):
+        dxe.AsynchronousLeapfrog(damping)
+
+
+def test_traced_damping_is_checked_at_run_time():
+    @jax.jit
+    def solve(damping):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -y),
+            dxe.AsynchronousLeapfrog(damping),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0]),
+        ).ys
+
+    assert jnp.all(jnp.isfinite(solve(jnp.array(0.9))))
+    with pytest.raises(Exception, match="`damping` must lie"):
+        solve(jnp.array(0.5))
+
+
+@pytest.mark.filterwarnings("ignore:.*not marked as converging")
+def test_refuses_sdes():
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (1,), key=jr.PRNGKey(0))
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, a: -y), dfx.ControlTerm(lambda t, y, a: y, bm)
+    )
+    with pytest.raises(ValueError, match="not SDEs.*ReversibleHeun"):
+        dfx.diffeqsolve(terms, SOLVER, 0.0, 1.0, 0.1, jnp.array([1.0]))

@@ -1,0 +1,252 @@
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffrax_extras as dxe
+
+from .helpers import (
+    CONTROLLERS,
+    forward_then_back,
+    grad_of,
+    make_problem,
+    max_relative_error,
+    measured_order,
+    reconstruction_error,
+    SAVEATS,
+)
+
+
+EXACT = 1e-10  # float64; the adjoint reconstructs states to rounding error only
+
+ODE_SOLVERS = [
+    dfx.Euler(),
+    dfx.Heun(),
+    dfx.Midpoint(),
+    dfx.Ralston(),
+    dfx.Bosh3(),
+    dfx.Tsit5(),
+    dfx.Dopri5(),
+    dfx.Dopri8(),
+]
+SDE_SOLVERS = [
+    (dfx.EulerHeun(), "sde"),
+    (dfx.Heun(), "sde"),
+    (dfx.Midpoint(), "sde"),
+    (dfx.SPaRK(), "sde_levy"),
+    (dfx.ShARK(), "sde_additive"),
+    (dfx.GeneralShARK(), "sde_levy"),
+    (dfx.SRA1(), "sde_additive"),
+]
+
+
+def _configurations(solvers):
+    """Cycles through the controllers and SaveAt forms, so that every one meets the
+    wrapped solvers without compiling the full product. Euler and EulerHeun, which
+    have no error estimate, take constant steps or steps to given times instead."""
+    controllers, saveats = list(CONTROLLERS), list(SAVEATS)
+    out = []
+    for i, (solver, kind) in enumerate(solvers):
+        controller = controllers[i % len(controllers)]
+        has_estimate = not isinstance(solver, dfx.Euler | dfx.EulerHeun)
+        if not has_estimate and controller in ("pid", "clip"):
+            controller = "step_to"
+        out.append((solver, kind, controller, saveats[i % len(saveats)]))
+    return out
+
+
+GRADIENT_CASES = _configurations(
+    [(s, "ode") for s in ODE_SOLVERS] + SDE_SOLVERS + [(dfx.Tsit5(), "cde")]
+)
+
+
+@pytest.mark.parametrize(
+    "solver, kind, controller, saveat",
+    GRADIENT_CASES,
+    ids=[f"{type(c[0]).__name__}-{c[1]}-{c[2]}-{c[3]}" for c in GRADIENT_CASES],
+)
+def test_gradient_matches_recursive_checkpoint(solver, kind, controller, saveat):
+    solver = dxe.Reversible(solver)
+    grad_ref, params = grad_of(
+        kind, solver, dfx.RecursiveCheckpointAdjoint(), controller, saveat
+    )
+    grad_rev, _ = grad_of(kind, solver, dxe.ReversibleAdjoint(), controller, saveat)
+    assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
+
+
+def test_gradient_with_small_coupling():
+    solver = dxe.Reversible(dfx.Tsit5(), coupling=0.5)
+    grad_ref, params = grad_of(
+        "ode", solver, dfx.RecursiveCheckpointAdjoint(), "pid", "t0_t1_ts"
+    )
+    grad_rev, _ = grad_of("ode", solver, dxe.ReversibleAdjoint(), "pid", "t0_t1_ts")
+    # The reconstruction amplifies rounding by 1/coupling a step: 2^20 over 20 steps.
+    assert max_relative_error(grad_ref(params), grad_rev(params)) < 1e-8
+
+
+# The forward and backward base steps' leading error terms cancel in part, the more so
+# the closer the coupling is to 1 (at 1 the method is symmetric, so of even order).
+# Near 1 the asymptotic regime then starts at step sizes whose errors are already at
+# float64 rounding for the high-order solvers, so their order is measured at a small
+# coupling; the second-order solvers are measured at the default too.
+_LOW = [0.02, 0.01, 0.005, 0.0025]
+ORDER_CASES = [
+    (dfx.Euler(), [0.02, 0.01, 0.005, 0.0025], 0.1),
+    (dfx.Heun(), _LOW, 0.1),
+    (dfx.Heun(), _LOW, 0.999),
+    (dfx.Midpoint(), _LOW, 0.1),
+    (dfx.Midpoint(), _LOW, 0.999),
+    (dfx.Ralston(), _LOW, 0.1),
+    (dfx.Ralston(), _LOW, 0.999),
+    (dfx.Bosh3(), [0.04, 0.02, 0.01, 0.005], 0.1),
+    (dfx.Tsit5(), [0.1, 0.05, 0.025, 0.0125], 0.1),
+    (dfx.Dopri5(), [0.05, 0.025, 0.0125, 0.00625], 0.1),
+    (dfx.Dopri8(), [0.25, 0.2, 1 / 6, 0.125], 0.1),
+]
+
+
+@pytest.mark.parametrize(
+    "solver, dts, coupling",
+    ORDER_CASES,
+    ids=[f"{type(c[0]).__name__}-{c[2]}" for c in ORDER_CASES],
+)
+def test_keeps_order_of_base_solver(solver, dts, coupling):
+    nominal = solver.order(dfx.ODETerm(lambda t, y, a: y))
+    order, errors = measured_order(dxe.Reversible(solver, coupling), dts)
+    assert abs(order - nominal) < 0.2, (order, errors)
+    assert dxe.Reversible(solver).order(dfx.ODETerm(lambda t, y, a: y)) == nominal
+
+
+@pytest.mark.parametrize("kind", ["ode", "cde", "sde"])
+def test_backward_step_inverts_step(kind):
+    solver = dxe.Reversible(dfx.Heun() if kind == "sde" else dfx.Tsit5())
+    params, build = make_problem(kind)
+    terms, y0, args = build(params)
+    ts = np.linspace(0.0, 1.0, 9)
+    y0_back, forward, backward = jax.jit(
+        lambda: forward_then_back(solver, terms, y0, args, ts, [False] * 8)
+    )()
+    assert max_relative_error(y0, y0_back) < 1e-12
+
+    # The dense information holds `y - z`, which is only rounding error at first, so
+    # compare what it is for: the interpolated solution inside each step.
+    def midpoints(denses):
+        return [
+            solver.interpolation_cls(t0=ta, t1=tb, **d).evaluate(0.5 * (ta + tb))
+            for ta, tb, d in zip(ts[:-1], ts[1:], denses, strict=True)
+        ]
+
+    assert max_relative_error(midpoints(forward), midpoints(backward)) < 1e-12
+
+
+def test_reconstruction_after_many_steps():
+    # 1,000 steps forward and back at the default coupling: the reconstruction
+    # amplifies rounding by at most (1/0.999)^1000 ~ 2.7 beyond the usual growth.
+    assert reconstruction_error(dxe.Reversible(dfx.Tsit5())) < 1e-11
+
+
+def test_fused_backward_step_matches_backward_step():
+    solver = dxe.Reversible(dfx.Dopri5())
+    params, build = make_problem("ode")
+    terms, y0, args = build(params)
+    state = solver.init(terms, 0.0, 0.1, y0, args)
+    y1, _, _, state1, _ = solver.step(terms, 0.0, 0.1, y0, args, state, False)
+    plain = solver.backward_step(terms, 0.0, 0.1, y1, args, state1, False)
+    fused = solver.backward_step_vjp(terms, 0.0, 0.1, y1, args, state1, False, False)
+    # The same operations on the same inputs; only fusion may change the rounding.
+    assert max_relative_error(plain[:3], fused[:3]) < 1e-13
+
+
+def test_adaptive_steps_follow_base_error_estimate():
+    term = dfx.ODETerm(lambda t, y, args: -y * jnp.cos(t))
+    controller = dfx.PIDController(rtol=1e-8, atol=1e-10)
+    ts = jnp.linspace(0.5, 3.0, 6)
+
+    def solve(solver):
+        return dfx.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            3.0,
+            None,
+            jnp.array([1.0]),
+            stepsize_controller=controller,
+            saveat=dfx.SaveAt(ts=ts),
+        )
+
+    base, wrapped = solve(dfx.Tsit5()), solve(dxe.Reversible(dfx.Tsit5()))
+    exact = jnp.exp(-jnp.sin(ts))
+    # Same error estimate, so about the same steps; and the dense output (Tsit5's
+    # interpolation shifted onto y) is as accurate as Tsit5's own.
+    assert abs(
+        int(wrapped.stats["num_steps"]) - int(base.stats["num_steps"])
+    ) <= 0.2 * int(base.stats["num_steps"])
+    assert jnp.max(jnp.abs(wrapped.ys[:, 0] - exact)) < 1e-7
+    assert jnp.max(jnp.abs(base.ys[:, 0] - exact)) < 1e-7
+
+
+#
+# Refused inputs
+#
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: dxe.Reversible(dfx.Kvaerno5()), r"Kvaerno5.*implicit"),
+        (lambda: dxe.Reversible(dfx.LeapfrogMidpoint()), r"LeapfrogMidpoint.*carries"),
+        (
+            lambda: dxe.Reversible(dfx.SemiImplicitEuler()),
+            r"SemiImplicitEuler.*carries",
+        ),
+        (lambda: dxe.Reversible(dfx.ReversibleHeun()), r"ReversibleHeun.*carries"),
+        (lambda: dxe.Reversible(dxe.ReversibleHeun()), "already reversible"),
+        (lambda: dxe.Reversible(dxe.Reversible(dfx.Heun())), "already reversible"),
+        (lambda: dxe.Reversible(dfx.Heun(), coupling=0.0), r"`coupling` must lie"),
+        (lambda: dxe.Reversible(dfx.Heun(), coupling=1.5), r"`coupling` must lie"),
+    ],
+)
+def test_refused_solvers(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _sde_solve(solver, bm):
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, a: -y), dfx.ControlTerm(lambda t, y, a: y, bm)
+    )
+    return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, jnp.array([1.0]))
+
+
+@pytest.mark.parametrize(
+    "base, match", [(dfx.Euler(), "Euler.*Stratonovich"), (dfx.Tsit5(), "Tsit5")]
+)
+def test_refuses_non_stratonovich_base_for_sdes(base, match):
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (1,), key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match=match):
+        _sde_solve(dxe.Reversible(base), bm)
+
+
+def test_refuses_unsafe_brownian_path():
+    bm = dfx.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
+    with pytest.raises(ValueError, match="UnsafeBrownianPath"):
+        _sde_solve(dxe.Reversible(dfx.Heun()), bm)
+
+
+def test_traced_coupling_is_checked_at_run_time():
+    @jax.jit
+    def solve(coupling):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -y),
+            dxe.Reversible(dfx.Heun(), coupling=coupling),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0]),
+        ).ys
+
+    assert jnp.all(jnp.isfinite(solve(jnp.array(0.9))))
+    with pytest.raises(Exception, match="`coupling` must lie"):
+        solve(jnp.array(1.5))
