@@ -1,13 +1,15 @@
 """Gradient time and compiled memory: `ReversibleAdjoint` against diffrax's built-ins.
 
-A neural ODE (state 32, MLP width 128, batch 256, float64) solved with
-`ReversibleHeun` over N fixed steps. For each N the gradient of a loss is timed, in the
-same process and interleaved, under:
+A neural ODE (state 32, MLP width 128, batch 256, float64) solved over N fixed steps.
+For each N the gradient of a loss is timed, in the same process and interleaved, for
+two groups of configurations, each compared with its own diffrax baseline:
 
-- `diffrax_extras.ReversibleAdjoint()`;
-- `diffrax.RecursiveCheckpointAdjoint()` (diffrax's default: O(log N) checkpoints);
-- `diffrax.RecursiveCheckpointAdjoint(checkpoints=N)` (store every step: the cost floor
-  of an exact gradient, with memory linear in N).
+- `ReversibleHeun` with `diffrax_extras.ReversibleAdjoint()`, with
+  `diffrax.RecursiveCheckpointAdjoint()` (diffrax's default: O(log N) checkpoints) and
+  with `diffrax.RecursiveCheckpointAdjoint(checkpoints=N)` (store every step: the cost
+  floor of an exact gradient, with memory linear in N);
+- `diffrax_extras.Reversible(diffrax.Tsit5())` with `ReversibleAdjoint()`, against
+  `diffrax.Tsit5()` with `RecursiveCheckpointAdjoint()` and with store-every-step.
 
 Compile time is measured separately; run time is the median of several repeats.
 Writes `benchmarks/results/reversible_adjoint.{json,md}`.
@@ -58,7 +60,7 @@ def machine() -> dict:
     )
 
 
-def make_grad(adjoint, num_steps, state, width, batch):
+def make_grad(solver, adjoint, num_steps, state, width, batch):
     key_mlp, key_y = jr.split(jr.PRNGKey(0))
     mlp = eqx.nn.MLP(state, state, width, 2, activation=jnp.tanh, key=key_mlp)
     params, static = eqx.partition(mlp, eqx.is_array)
@@ -69,7 +71,7 @@ def make_grad(adjoint, num_steps, state, width, batch):
         term = dfx.ODETerm(lambda t, y, m: jax.vmap(m)(y))
         sol = dfx.diffeqsolve(
             term,
-            dxe.ReversibleHeun(),
+            solver,
             0.0,
             1.0,
             1.0 / num_steps,
@@ -88,37 +90,76 @@ def make_grad(adjoint, num_steps, state, width, batch):
     return compiled, (params, y0), compile_s, memory
 
 
-def run(grid, repeats, state, width, batch):
-    adjoints = {
-        "ReversibleAdjoint": lambda n: dxe.ReversibleAdjoint(),
-        "RecursiveCheckpointAdjoint": lambda n: dfx.RecursiveCheckpointAdjoint(),
-        "store-every-step": lambda n: dfx.RecursiveCheckpointAdjoint(checkpoints=n),
-    }
+# (group, name, solver, adjoint for N steps); the first of each group is ours, the
+# second the baseline that the ratios divide by.
+CONFIGS = [
+    (
+        "ReversibleHeun",
+        "ReversibleAdjoint",
+        dxe.ReversibleHeun(),
+        lambda n: dxe.ReversibleAdjoint(),
+    ),
+    (
+        "ReversibleHeun",
+        "RecursiveCheckpointAdjoint",
+        dxe.ReversibleHeun(),
+        lambda n: dfx.RecursiveCheckpointAdjoint(),
+    ),
+    (
+        "ReversibleHeun",
+        "store-every-step",
+        dxe.ReversibleHeun(),
+        lambda n: dfx.RecursiveCheckpointAdjoint(checkpoints=n),
+    ),
+    (
+        "Tsit5",
+        "Reversible(Tsit5) + ReversibleAdjoint",
+        dxe.Reversible(dfx.Tsit5()),
+        lambda n: dxe.ReversibleAdjoint(),
+    ),
+    (
+        "Tsit5",
+        "Tsit5 + RecursiveCheckpointAdjoint",
+        dfx.Tsit5(),
+        lambda n: dfx.RecursiveCheckpointAdjoint(),
+    ),
+    (
+        "Tsit5",
+        "Tsit5 + store-every-step",
+        dfx.Tsit5(),
+        lambda n: dfx.RecursiveCheckpointAdjoint(checkpoints=n),
+    ),
+]
+
+
+def run(grid, repeats, state, width, batch, groups):
+    configs = [c for c in CONFIGS if c[0] in groups]
     rows = []
     for n in grid:
         built = {
-            name: make_grad(make(n), n, state, width, batch)
-            for name, make in adjoints.items()
+            (group, name): make_grad(solver, make(n), n, state, width, batch)
+            for group, name, solver, make in configs
         }
-        times = {name: [] for name in adjoints}
+        times = {key: [] for key in built}
         for fn, inputs, _, _ in built.values():
             jax.block_until_ready(fn(*inputs))  # warm up
         for _ in range(repeats):
-            for name, (fn, inputs, _, _) in built.items():
+            for key, (fn, inputs, _, _) in built.items():
                 start = time.perf_counter()
                 jax.block_until_ready(fn(*inputs))
-                times[name].append(time.perf_counter() - start)
-        for name, (_, _, compile_s, memory) in built.items():
+                times[key].append(time.perf_counter() - start)
+        for (group, name), (_, _, compile_s, memory) in built.items():
             row = dict(
                 steps=n,
+                group=group,
                 adjoint=name,
-                seconds=statistics.median(times[name]),
+                seconds=statistics.median(times[(group, name)]),
                 compile_seconds=compile_s,
                 temp_bytes=memory,
             )
             rows.append(row)
             print(
-                f"N={n:6d} {name:28s} {row['seconds']:8.3f} s  compile "
+                f"N={n:6d} {name:40s} {row['seconds']:8.3f} s  compile "
                 f"{compile_s:5.1f} s  temp {memory / 1e6:8.2f} MB",
                 flush=True,
             )
@@ -130,21 +171,27 @@ def markdown(rows, info, config) -> str:
         f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, "
         f"{info['device']}), jax {info['jax']}, diffrax {info['diffrax']}. "
         f"Neural ODE: state {config['state']}, MLP width {config['width']}, batch "
-        f"{config['batch']}, float64, `ReversibleHeun`; median of {config['repeats']} "
-        "interleaved repeats.",
+        f"{config['batch']}, float64; median of {config['repeats']} interleaved "
+        "repeats. Ratios are against the baseline of the same group and N: "
+        "`RecursiveCheckpointAdjoint` with the same solver (for `ReversibleHeun`) or "
+        "with plain `Tsit5`, and store-every-step likewise.",
         "",
-        "| N steps | adjoint | time (s) | vs RecursiveCheckpoint | vs store-every-step "
-        "| temp memory (MB) | compile (s) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| N steps | configuration | time (s) | vs RecursiveCheckpoint "
+        "| vs store-every-step | temp memory (MB) | compile (s) "
+        "| compile vs RecursiveCheckpoint |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    by = {(r["steps"], r["adjoint"]): r for r in rows}
+    by_group: dict = {}
     for r in rows:
-        ref = by[(r["steps"], "RecursiveCheckpointAdjoint")]["seconds"]
-        floor = by[(r["steps"], "store-every-step")]["seconds"]
+        by_group.setdefault((r["steps"], r["group"]), []).append(r)
+    for r in rows:
+        _, ref, floor = by_group[(r["steps"], r["group"])]
         lines.append(
-            f"| {r['steps']} | {r['adjoint']} | {r['seconds']:.3f} | "
-            f"{r['seconds'] / ref:.2f}x | {r['seconds'] / floor:.2f}x | "
-            f"{r['temp_bytes'] / 1e6:.2f} | {r['compile_seconds']:.1f} |"
+            f"| {r['steps']} | {r['group']}: {r['adjoint']} | {r['seconds']:.3f} | "
+            f"{r['seconds'] / ref['seconds']:.2f}x | "
+            f"{r['seconds'] / floor['seconds']:.2f}x | "
+            f"{r['temp_bytes'] / 1e6:.2f} | {r['compile_seconds']:.1f} | "
+            f"{r['compile_seconds'] / ref['compile_seconds']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -154,11 +201,19 @@ def main():
     parser.add_argument("--quick", action="store_true", help="N up to 1,000 only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--groups",
+        default="ReversibleHeun,Tsit5",
+        help="comma-separated groups to run: ReversibleHeun, Tsit5",
+    )
     cli = parser.parse_args()
     grid = [100, 1000] if cli.quick else [100, 1000, 10_000]
     config = dict(state=32, width=128, batch=cli.batch, repeats=cli.repeats)
     info = machine()
-    rows = run(grid, cli.repeats, config["state"], config["width"], config["batch"])
+    groups = cli.groups.split(",")
+    rows = run(
+        grid, cli.repeats, config["state"], config["width"], config["batch"], groups
+    )
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if cli.quick else ""
     out = dict(machine=info, config=config, rows=rows)
