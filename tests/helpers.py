@@ -17,6 +17,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 
+import diffrax_extras as dxe
+
 
 T0, T1 = 0.0, 1.0
 SAVE_TS = np.linspace(0.13, 0.97, 6)
@@ -246,6 +248,59 @@ def forward_then_back(solver, terms, y0, args, ts, made_jumps):
         )
         backward.append(dense)
     return y, forward, backward[::-1]
+
+
+def inversion_errors(solver, kind: str, made_jumps) -> tuple[float, float]:
+    """Steps forward over `len(made_jumps)` equal steps of [0, 1] and back.
+
+    Returns the relative errors of the reconstructed `y0` and of the dense output,
+    compared where it is used: the interpolated solution at each step's midpoint.
+    """
+    params, build = make_problem(kind)
+    terms, y0, args = build(params)
+    ts = np.linspace(T0, T1, len(made_jumps) + 1)
+
+    def midpoints(denses):
+        return [
+            solver.interpolation_cls(t0=ta, t1=tb, **d).evaluate(0.5 * (ta + tb))
+            for ta, tb, d in zip(ts[:-1], ts[1:], denses, strict=True)
+        ]
+
+    @jax.jit
+    def run():
+        y0_back, forward, backward = forward_then_back(
+            solver, terms, y0, args, ts, made_jumps
+        )
+        return y0_back, midpoints(forward), midpoints(backward)
+
+    y0_back, forward, backward = run()
+    return max_relative_error(y0, y0_back), max_relative_error(forward, backward)
+
+
+def fused_vjp_error(solver, kind: str = "ode") -> float:
+    """Relative difference between a solver's own `backward_step_vjp` and the default
+    of `AbstractReversibleSolver` (reconstruct, then differentiate `step`): in the
+    reconstruction and in the cotangents of one step, pulled back from random ones."""
+    params, build = make_problem(kind)
+    terms, y0, args = build(params)
+    t0, t1 = 0.0, 0.1
+    state0 = solver.init(terms, t0, t1, y0, args)
+    y1, _, dense, state1, _ = solver.step(terms, t0, t1, y0, args, state0, False)
+    keys = iter(jr.split(jr.PRNGKey(0), 100))
+    cotangents = jtu.tree_map(
+        lambda x: jr.normal(next(keys), jnp.shape(x), jnp.result_type(x)),
+        (y1, dense, state1),
+    )
+
+    def run(backward_step_vjp):
+        y0_, dense_, state0_, _, pullback = backward_step_vjp(
+            solver, terms, t0, t1, y1, args, state1, False, False
+        )
+        return (y0_, dense_, state0_), pullback(cotangents)
+
+    default = run(dxe.AbstractReversibleSolver.backward_step_vjp)
+    fused = run(type(solver).backward_step_vjp)
+    return max_relative_error(default, fused)
 
 
 def reconstruction_error(solver, kind: str = "ode", num_steps: int = 1000) -> float:

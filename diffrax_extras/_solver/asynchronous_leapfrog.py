@@ -140,11 +140,10 @@ class AsynchronousLeapfrog(
             (1, y0), (0.5, terms.prod(v0, control))
         )
 
-    def _finish(self, terms, t0, t1, y0, v0, v_mid):
+    def _finish(self, terms, t0, t1, y_mid, v0, v_mid):
         """Everything after the vector-field evaluation: `(y1, y_error, v1)`."""
         eta = self._damping()
         control = terms.contr(t0, t1)
-        _, y_mid = self._midpoint(terms, t0, t1, y0, v0)
         v1 = tree_lincomb((1 - 2 * eta, v0), (2 * eta, v_mid))
         y1 = tree_lincomb((1, y_mid), (0.5, terms.prod(v1, control)))
         v_diff = tree_lincomb((1, v_mid), (-1, v0))
@@ -165,7 +164,7 @@ class AsynchronousLeapfrog(
         v0 = solver_state
         t_mid, y_mid = self._midpoint(terms, t0, t1, y0, v0)
         v_mid = terms.vf(t_mid, y_mid, args)
-        y1, y_error, v1 = self._finish(terms, t0, t1, y0, v0, v_mid)
+        y1, y_error, v1 = self._finish(terms, t0, t1, y_mid, v0, v_mid)
         return y1, y_error, dict(y0=y0, y1=y1), v1, RESULTS.successful
 
     def _reconstruct(self, terms, t0, t1, y1, v1, vf):
@@ -205,9 +204,9 @@ class AsynchronousLeapfrog(
         made_jump0: BoolScalarLike,
         made_jump1: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS, Callable]:
-        # The step is `finish(midpoint(y0, v0), f(midpoint(y0, v0)))`. The
-        # reconstruction evaluates f at the midpoint, so it takes the VJP of f there;
-        # the linear maps around it are cheap to differentiate again.
+        # The step is `finish(y_mid, v0, f(y_mid))` with `y_mid = midpoint(y0, v0)`.
+        # The reconstruction evaluates f at the midpoint, so it takes the VJP of f
+        # there; the linear maps around it are cheap to differentiate again.
         del made_jump0, made_jump1
 
         def vf(t, y):
@@ -218,22 +217,22 @@ class AsynchronousLeapfrog(
         y0, v0, v_mid, vf_vjp = self._reconstruct(terms, t0, t1, y1, solver_state, vf)
         dense_info = dict(y0=y0, y1=y1)
 
-        def finish(_y0, _v0, _v_mid, _terms):
-            _y1, _, _v1 = self._finish(_terms, t0, t1, _y0, _v0, _v_mid)
-            return _y1, dict(y0=_y0, y1=_y1), _v1
-
         def midpoint(_y0, _v0, _terms):
             return self._midpoint(_terms, t0, t1, _y0, _v0)[1]
 
+        def finish(_y_mid, _y0, _v0, _v_mid, _terms):
+            _y1, _, _v1 = self._finish(_terms, t0, t1, _y_mid, _v0, _v_mid)
+            return _y1, dict(y0=_y0, y1=_y1), _v1
+
         def pullback(cotangents):
-            out, finish_vjp = eqx.filter_vjp(finish, y0, v0, v_mid, terms)
-            ct_y0, ct_v0, ct_v_mid, ct_terms = finish_vjp(
+            y_mid, midpoint_vjp = eqx.filter_vjp(midpoint, y0, v0, terms)
+            out, finish_vjp = eqx.filter_vjp(finish, y_mid, y0, v0, v_mid, terms)
+            ct_y_mid, ct_y0, ct_v0, ct_v_mid, ct_terms = finish_vjp(
                 materialise_cotangent(out, cotangents)
             )
-            ct_y_mid, ct_args, ct_terms_vf = vf_vjp(ct_v_mid)
-            y_mid, midpoint_vjp = eqx.filter_vjp(midpoint, y0, v0, terms)
+            ct_y_mid_vf, ct_args, ct_terms_vf = vf_vjp(ct_v_mid)
             ct_y0_mid, ct_v0_mid, ct_terms_mid = midpoint_vjp(
-                materialise_cotangent(y_mid, ct_y_mid)
+                tree_add(ct_y_mid, ct_y_mid_vf)
             )
             return (
                 tree_add(ct_y0, ct_y0_mid),
