@@ -18,11 +18,9 @@ Run: `python benchmarks/reversible_adjoint.py [--quick]`.
 """
 
 import argparse
+import functools as ft
 import json
-import os
 import pathlib
-import platform
-import statistics
 import time
 
 import diffrax as dfx
@@ -30,6 +28,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from _common import interleaved_medians, machine
 
 import diffrax_extras as dxe
 
@@ -37,27 +36,6 @@ import diffrax_extras as dxe
 jax.config.update("jax_enable_x64", True)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    device = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return dict(
-        cpu=cpu,
-        cores=os.cpu_count(),
-        device=f"{device.platform}: {device.device_kind}",
-        jax=jax.__version__,
-        diffrax=dfx.__version__ if hasattr(dfx, "__version__") else "?",
-        date=time.strftime("%Y-%m-%d"),
-    )
 
 
 def make_grad(solver, adjoint, num_steps, state, width, batch):
@@ -140,20 +118,16 @@ def run(grid, repeats, state, width, batch, groups):
             (group, name): make_grad(solver, make(n), n, state, width, batch)
             for group, name, solver, make in configs
         }
-        times = {key: [] for key in built}
-        for fn, inputs, _, _ in built.values():
-            jax.block_until_ready(fn(*inputs))  # warm up
-        for _ in range(repeats):
-            for key, (fn, inputs, _, _) in built.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*inputs))
-                times[key].append(time.perf_counter() - start)
+        seconds = interleaved_medians(
+            {key: ft.partial(fn, *inputs) for key, (fn, inputs, _, _) in built.items()},
+            repeats,
+        )
         for (group, name), (_, _, compile_s, memory) in built.items():
             row = dict(
                 steps=n,
                 group=group,
                 adjoint=name,
-                seconds=statistics.median(times[(group, name)]),
+                seconds=seconds[(group, name)],
                 compile_seconds=compile_s,
                 temp_bytes=memory,
             )

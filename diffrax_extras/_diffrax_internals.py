@@ -16,6 +16,7 @@ from diffrax._custom_types import (
     Args as Args,
     BoolScalarLike as BoolScalarLike,
     DenseInfo as DenseInfo,
+    levy_tree_transpose as levy_tree_transpose,
     RealScalarLike as RealScalarLike,
     VF as VF,
     Y as Y,

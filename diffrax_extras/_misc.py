@@ -1,5 +1,7 @@
 """PyTree and argument-checking helpers shared by the solvers and the adjoints."""
 
+from typing import TypeVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -73,27 +75,37 @@ def tree_sum_leading(tree: PyTree) -> PyTree:
     return jtu.tree_map(lambda x: jnp.sum(x, axis=0), tree)
 
 
-def check_in_interval(
-    value: RealScalarLike,
-    name: str,
-    lower: float,
-    upper: float,
-    advice: str,
-) -> RealScalarLike:
-    """Checks `lower < value <= upper` for a solver parameter.
+_Value = TypeVar("_Value", bound=RealScalarLike)
 
-    A concrete value is checked at once, with a `ValueError`; a traced one (a parameter
-    under `jax.vmap` or `jax.jit`) with `equinox.error_if` when the solve runs.
+
+def check_in_interval(
+    value: _Value,
+    name: str,
+    lower: RealScalarLike,
+    upper: RealScalarLike,
+    advice: str,
+    upper_name: str | None = None,
+    lower_name: str | None = None,
+) -> _Value:
+    """Checks `lower < value <= upper` for a parameter.
+
+    Concrete values are checked at once, with a `ValueError`; traced ones (under
+    `jax.vmap` or `jax.jit`) with `equinox.error_if` when the computation runs.
+    `lower_name` and `upper_name` name the bounds in the message when they are not
+    constants.
     """
-    msg = f"`{name}` must lie in ({lower}, {upper}], but got {{}}. {advice}"
+    low = lower if lower_name is None else lower_name
+    high = upper if upper_name is None else upper_name
+    msg = f"`{name}` must lie in ({low}, {high}], but got {{}}. {advice}"
     try:
-        concrete = np.asarray(value)
+        concrete = [np.asarray(x) for x in (value, lower, upper)]
     except jax.errors.TracerArrayConversionError:
         concrete = None
     if concrete is None:
         return eqx.error_if(
             value, (value <= lower) | (value > upper), msg.format("a value outside")
         )
-    if not np.all((concrete > lower) & (concrete <= upper)):
+    c_value, c_lower, c_upper = concrete
+    if not np.all((c_value > c_lower) & (c_value <= c_upper)):
         raise ValueError(msg.format(value))
     return value

@@ -21,6 +21,7 @@ import diffrax_extras as dxe
 
 
 T0, T1 = 0.0, 1.0
+DEFAULT_DT0 = 0.05
 SAVE_TS = np.linspace(0.13, 0.97, 6)
 JUMP_TS = np.array([0.31, 0.52])
 STEP_TS = np.array([0.77])
@@ -129,10 +130,18 @@ def make_problem(kind: str, dtype=jnp.float64):
     elif kind in ("sde", "sde_levy", "sde_additive"):
         # "sde_levy" and "sde_additive" also sample the space-time Levy area that SRK
         # solvers need; "sde_additive" has additive noise, for ShARK and SRA1.
+        # "sde" and "sde_levy" use our BrownianInterval, with pieces of the default
+        # step (adaptive controllers query inside them); "sde_additive" diffrax's
+        # VirtualBrownianTree, so that both kinds of path are covered.
         levy_area = dfx.BrownianIncrement if kind == "sde" else dfx.SpaceTimeLevyArea
-        bm = dfx.VirtualBrownianTree(
-            T0, T1, tol=2**-10, shape=(3,), key=k3, levy_area=levy_area
-        )
+        if kind == "sde_additive":
+            bm = dfx.VirtualBrownianTree(
+                T0, T1, tol=2**-10, shape=(3,), key=k3, levy_area=levy_area
+            )
+        else:
+            bm = dxe.BrownianInterval(
+                T0, T1, 2**-10, (3,), k3, levy_area=levy_area, dt=DEFAULT_DT0
+            )
         params = dict(
             drift=Drift(_mlp(3, 3, k1, dtype)),
             diffusion=(AdditiveDiffusion if kind == "sde_additive" else Diffusion)(
@@ -173,7 +182,7 @@ def make_loss(
     adjoint: dfx.AbstractAdjoint,
     controller: str = "constant",
     saveat: str = "t1",
-    dt0: float = 0.05,
+    dt0: float = DEFAULT_DT0,
     max_steps: int = 1024,
 ):
     """A jitted `loss(params)` for one problem, built from the tables above."""

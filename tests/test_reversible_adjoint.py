@@ -244,7 +244,7 @@ def test_refuses_unsafe_brownian_path():
     terms = dfx.MultiTerm(
         dfx.ODETerm(lambda t, y, a: -y), dfx.ControlTerm(lambda t, y, a: y, bm)
     )
-    with pytest.raises(ValueError, match="UnsafeBrownianPath.*VirtualBrownianTree"):
+    with pytest.raises(ValueError, match="UnsafeBrownianPath.*BrownianInterval"):
         dfx.diffeqsolve(
             terms,
             SOLVER,

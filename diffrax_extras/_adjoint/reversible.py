@@ -52,7 +52,8 @@ class ReversibleAdjoint(AbstractAdjoint):
     numbers and stays reversible across `jump_ts`.
 
     Supports ODEs, CDEs and SDEs (with a Brownian path that is a pure function of the
-    query, such as [`diffrax.VirtualBrownianTree`][]), any step size controller
+    query, such as [`diffrax_extras.BrownianInterval`][] or
+    [`diffrax.VirtualBrownianTree`][]), any step size controller
     (including `jump_ts` and `step_ts`), `SaveAt(t0=..., t1=..., ts=..., steps=...,
     fn=...)` and `SaveAt(subs=...)`; gradients with respect to `y0`, `args` and
     everything differentiable inside `terms`.
@@ -134,7 +135,7 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`ReversibleAdjoint()` does not support `diffrax.UnsafeBrownianPath`: "
                 "the backward pass queries the Brownian path again, so it must return "
                 "the same increment for the same interval. Use "
-                "`diffrax.VirtualBrownianTree` (or `diffrax_extras.BrownianInterval`)."
+                "`diffrax_extras.BrownianInterval` (or `diffrax.VirtualBrownianTree`)."
             )
 
         t0 = nondifferentiable(t0, msg=_no_time_grad("t0"))

@@ -86,7 +86,8 @@ class Reversible(
     `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...), and for SDEs with
     a Stratonovich solver (`EulerHeun`, `Heun`, `Midpoint`, `SPaRK`, `ShARK`,
     `GeneralShARK`, `SRA1`, ...), given a Brownian path that can be queried backwards
-    in time and again, such as [`diffrax.VirtualBrownianTree`][].
+    in time and again, such as [`diffrax_extras.BrownianInterval`][] or
+    [`diffrax.VirtualBrownianTree`][].
 
     !!! tip "Choosing the coupling"
 
@@ -186,7 +187,7 @@ class Reversible(
             raise ValueError(
                 "`Reversible(...)` queries the Brownian motion backwards in time, "
                 "which `diffrax.UnsafeBrownianPath` cannot do consistently. Use "
-                "`diffrax.VirtualBrownianTree` or `diffrax_extras.BrownianInterval`."
+                "`diffrax_extras.BrownianInterval` or `diffrax.VirtualBrownianTree`."
             )
         return y0
 
