@@ -11,7 +11,10 @@ from typing import Any
 import equinox as eqx
 import equinox.internal as eqxi
 import jax.numpy as jnp
-from diffrax._adjoint import _only_transpose_ys as only_transpose_ys
+from diffrax._adjoint import (
+    _nondiff_solver_controller_state as nondiff_solver_controller_state,
+    _only_transpose_ys as only_transpose_ys,
+)
 from diffrax._custom_types import (
     Args as Args,
     BoolScalarLike as BoolScalarLike,
@@ -24,6 +27,7 @@ from diffrax._custom_types import (
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState, State as State
 from diffrax._saveat import save_y as save_y
+from diffrax._term import WrapTerm as WrapTerm
 from jaxtyping import Array, Bool, Int, Real
 
 
@@ -36,6 +40,7 @@ error_if = eqxi.error_if
 # The while loops that `diffrax._integrate.loop` expects from an adjoint. Ours are never
 # differentiated by JAX (our adjoints supply the backward pass), so plain `lax` loops.
 lax_inner_loop = ft.partial(eqxi.while_loop, kind="lax")
+lax_outer_loop = lax_inner_loop
 
 
 class StepRecord(eqx.Module):
@@ -128,13 +133,16 @@ __all__ = [
     "State",
     "StepRecord",
     "VF",
+    "WrapTerm",
     "Y",
     "error_if",
     "is_sde",
     "is_unsafe_sde",
     "lax_inner_loop",
+    "lax_outer_loop",
     "loop_and_record_steps",
     "nondifferentiable",
+    "nondiff_solver_controller_state",
     "nondifferentiable_backward",
     "only_transpose_ys",
     "save_y",

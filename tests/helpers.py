@@ -25,6 +25,7 @@ DEFAULT_DT0 = 0.05
 SAVE_TS = np.linspace(0.13, 0.97, 6)
 JUMP_TS = np.array([0.31, 0.52])
 STEP_TS = np.array([0.77])
+CDE_KNOTS = np.linspace(T0, T1, 11)
 
 CONTROLLERS: dict[str, Callable[[], Any]] = {
     "constant": lambda: dfx.ConstantStepSize(),
@@ -112,7 +113,7 @@ def make_problem(kind: str, dtype=jnp.float64):
 
     elif kind == "cde":
         hidden, channels = 3, 2
-        ts = jnp.linspace(T0, T1, 11, dtype=dtype)
+        ts = jnp.asarray(CDE_KNOTS, dtype)
         xs = jnp.stack([ts, jnp.sin(4 * ts)], axis=-1)
         params = dict(
             field=CDEField(

@@ -11,7 +11,6 @@ from diffrax import AbstractAdjoint, SubSaveAt
 from .._diffrax_internals import (
     is_unsafe_sde,
     loop_and_record_steps,
-    nondifferentiable,
     only_transpose_ys,
     SaveState,
     unvmap_any,
@@ -19,18 +18,17 @@ from .._diffrax_internals import (
 from .._misc import materialise_cotangent, tree_add, zeros_cotangent
 from .._solver.base import AbstractReversibleSolver
 from .._solver.reversible_heun import ReversibleHeun
-
-
-def _is_subsaveat(x: Any) -> bool:
-    return isinstance(x, SubSaveAt)
+from .common import (
+    check_no_dense,
+    check_no_event,
+    is_none,
+    is_subsaveat,
+    nondifferentiable_times,
+)
 
 
 def _is_save_state(x: Any) -> bool:
     return isinstance(x, SaveState)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -111,19 +109,16 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`solver=diffrax_extras.ReversibleHeun()`, or make an explicit solver "
                 "reversible with `solver=diffrax_extras.Reversible(solver)`."
             )
-        if event is not None:
-            raise NotImplementedError(
-                "`ReversibleAdjoint()` does not support events (`diffeqsolve(..., "
-                "event=...)`): the time of the event is not a step of the reversible "
-                "solve. Use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead."
-            )
-        if saveat.dense:
-            raise NotImplementedError(
-                "`ReversibleAdjoint()` does not support `SaveAt(dense=True)`: storing "
-                "the dense solution would cost the memory that this adjoint saves. "
-                "Save at the times you need with `SaveAt(ts=...)`, or use "
-                "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-            )
+        check_no_event(
+            "ReversibleAdjoint",
+            event,
+            "the time of the event is not a step of the reversible solve.",
+        )
+        check_no_dense(
+            "ReversibleAdjoint",
+            saveat,
+            "storing the dense solution would cost the memory that this adjoint saves.",
+        )
         if max_steps is None:
             raise ValueError(
                 "`ReversibleAdjoint()` needs `diffeqsolve(..., max_steps=...)` to be "
@@ -138,20 +133,14 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`diffrax_extras.BrownianInterval` (or `diffrax.VirtualBrownianTree`)."
             )
 
-        t0 = nondifferentiable(t0, msg=_no_time_grad("t0"))
-        t1 = nondifferentiable(t1, msg=_no_time_grad("t1"))
-        saveat = eqx.tree_at(
-            _get_subsaveat_ts,
-            saveat,
-            replace_fn=lambda ts: nondifferentiable(ts, msg=_no_time_grad("saveat.ts")),
-        )
+        t0, t1, saveat = nondifferentiable_times("ReversibleAdjoint", t0, t1, saveat)
         # diffrax wraps each `SubSaveAt.fn` in a closure over traced values (the time
         # direction); converting makes those explicit arrays, so that the backward
         # pass, traced separately, can call `fn` too.
         saveat = jtu.tree_map(
             lambda sub: _closure_convert_fn(sub, t0, init_state.y, args),
             saveat,
-            is_leaf=_is_subsaveat,
+            is_leaf=is_subsaveat,
         )
         # Step sizes are not differentiated through (diffrax's own controllers
         # `stop_gradient` them too), so neither is the controller's state.
@@ -159,7 +148,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             lambda s: s.controller_state,
             init_state,
             replace_fn=lax.stop_gradient,
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
         y0 = init_state.y
         solver_state0 = init_state.solver_state
@@ -167,7 +156,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             lambda s: (s.y, s.solver_state),
             init_state,
             (None, None),
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
         final_state, aux_stats = _loop_reversible(
             (y0, solver_state0, args, terms),
@@ -189,24 +178,11 @@ class ReversibleAdjoint(AbstractAdjoint):
 ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None"""
 
 
-def _no_time_grad(name: str) -> str:
-    return (
-        f"`ReversibleAdjoint()` cannot differentiate with respect to `{name}`. Wrap "
-        f"it in `jax.lax.stop_gradient`, or use "
-        "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for this gradient."
-    )
-
-
 def _closure_convert_fn(sub, t, y, args):
-    if not _is_subsaveat(sub):
+    if not is_subsaveat(sub):
         return sub
     fn = eqx.filter_closure_convert(sub.fn, t, y, args)
     return eqx.tree_at(lambda s: s.fn, sub, fn)
-
-
-def _get_subsaveat_ts(saveat):
-    out = [s.ts for s in jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)]
-    return [x for x in out if x is not None]
 
 
 def _fill_state(init_state, y0, solver_state0):
@@ -214,7 +190,7 @@ def _fill_state(init_state, y0, solver_state0):
         lambda s: (s.y, s.solver_state),
         init_state,
         (y0, solver_state0),
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
 
 
@@ -274,7 +250,7 @@ def _loop_reversible_bwd(
     y0, _, args, terms = y0__state0__args__terms
     num_steps = record.num_steps
 
-    subs = jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
+    subs = jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
     grad_save_states = jtu.tree_leaves(
         grad_final_state.save_state, is_leaf=_is_save_state
     )
@@ -395,8 +371,8 @@ class _SaveCotangent(eqx.Module):
                     lambda ct: _fn_vjp(sub.fn, t0, y_final, args, ct)
                 )(ct_ts)
                 _sum = lambda x: None if x is None else jnp.sum(x, axis=0)
-                _ct_y = jtu.tree_map(_sum, _ct_y, is_leaf=_is_none)
-                _ct_a = jtu.tree_map(_sum, _ct_a, is_leaf=_is_none)
+                _ct_y = jtu.tree_map(_sum, _ct_y, is_leaf=is_none)
+                _ct_a = jtu.tree_map(_sum, _ct_a, is_leaf=is_none)
                 return tree_add(ct_y, _ct_y), tree_add(ct_args, _ct_a)
 
             ct_y, ct_args = lax.cond(

@@ -1,0 +1,65 @@
+"""Checks and input preparation shared by the adjoints of this package."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.tree_util as jtu
+from diffrax import SaveAt, SubSaveAt
+
+from .._diffrax_internals import nondifferentiable, RealScalarLike
+
+
+def is_subsaveat(x: Any) -> bool:
+    return isinstance(x, SubSaveAt)
+
+
+def is_none(x: Any) -> bool:
+    return x is None
+
+
+def _get_subsaveat_ts(saveat: SaveAt) -> list:
+    out = [s.ts for s in jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)]
+    return [x for x in out if x is not None]
+
+
+def _no_time_grad(adjoint: str, name: str) -> str:
+    return (
+        f"`{adjoint}()` cannot differentiate with respect to `{name}`. Wrap it in "
+        "`jax.lax.stop_gradient`, or use "
+        "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for this gradient."
+    )
+
+
+def nondifferentiable_times(
+    adjoint: str, t0: RealScalarLike, t1: RealScalarLike, saveat: SaveAt
+) -> tuple[RealScalarLike, RealScalarLike, SaveAt]:
+    """Marks `t0`, `t1` and every `SubSaveAt.ts` as not differentiable, so that asking
+    for their gradient raises an error naming them instead of a `CustomVJPException`.
+    """
+    t0 = nondifferentiable(t0, msg=_no_time_grad(adjoint, "t0"))
+    t1 = nondifferentiable(t1, msg=_no_time_grad(adjoint, "t1"))
+    saveat = eqx.tree_at(
+        _get_subsaveat_ts,
+        saveat,
+        replace_fn=lambda ts: nondifferentiable(
+            ts, msg=_no_time_grad(adjoint, "saveat.ts")
+        ),
+    )
+    return t0, t1, saveat
+
+
+def check_no_event(adjoint: str, event: Any, why: str) -> None:
+    if event is not None:
+        raise NotImplementedError(
+            f"`{adjoint}()` does not support events (`diffeqsolve(..., event=...)`): "
+            f"{why} Use `adjoint=diffrax.RecursiveCheckpointAdjoint()` instead."
+        )
+
+
+def check_no_dense(adjoint: str, saveat: SaveAt, why: str) -> None:
+    if saveat.dense:
+        raise NotImplementedError(
+            f"`{adjoint}()` does not support `SaveAt(dense=True)`: {why} Save at the "
+            "times you need with `SaveAt(ts=...)`, or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
