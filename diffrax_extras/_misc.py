@@ -109,3 +109,24 @@ def check_in_interval(
     if not np.all((c_value > c_lower) & (c_value <= c_upper)):
         raise ValueError(msg.format(value))
     return value
+
+
+def path_shape(shape: tuple[int, ...] | PyTree[jax.ShapeDtypeStruct]) -> PyTree:
+    """A path's `shape` argument as diffrax's Brownian paths take it: a tuple of
+    integers (an array of the default floating dtype) or a PyTree of
+    `jax.ShapeDtypeStruct`s of floating or complex dtype."""
+    if isinstance(shape, tuple) and all(isinstance(x, int) for x in shape):
+        shape = jax.ShapeDtypeStruct(shape, jnp.zeros(()).dtype)
+    for struct in jtu.tree_leaves(shape):
+        if not isinstance(struct, jax.ShapeDtypeStruct):
+            raise ValueError(
+                "`shape` must be a tuple of integers or a PyTree of "
+                f"`jax.ShapeDtypeStruct`s, but it holds {struct!r}."
+            )
+        if not jnp.issubdtype(struct.dtype, jnp.inexact):
+            raise ValueError(
+                "`shape` dtypes must be floating-point or complex, but got "
+                f"{struct.dtype}. Pass e.g. `jax.ShapeDtypeStruct(shape, "
+                "jnp.float32)`."
+            )
+    return shape

@@ -15,7 +15,7 @@ from diffrax import (
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Real
 
 from .._diffrax_internals import levy_tree_transpose, nondifferentiable, RealScalarLike
-from .._misc import check_in_interval
+from .._misc import check_in_interval, path_shape
 from . import levy as lv
 
 
@@ -166,20 +166,7 @@ class BrownianInterval(AbstractBrownianPath):
                 "`diffrax.SpaceTimeLevyArea` or `diffrax.SpaceTimeTimeLevyArea`, "
                 f"but got {levy_area}."
             )
-        if isinstance(shape, tuple) and all(isinstance(x, int) for x in shape):
-            shape = jax.ShapeDtypeStruct(shape, jnp.zeros(()).dtype)
-        for struct in jtu.tree_leaves(shape):
-            if not isinstance(struct, jax.ShapeDtypeStruct):
-                raise ValueError(
-                    "`shape` must be a tuple of integers or a PyTree of "
-                    f"`jax.ShapeDtypeStruct`s, but it holds {struct!r}."
-                )
-            if not jnp.issubdtype(struct.dtype, jnp.inexact):
-                raise ValueError(
-                    "`shape` dtypes must be floating-point or complex, but got "
-                    f"{struct.dtype}. Pass e.g. `jax.ShapeDtypeStruct(shape, "
-                    "jnp.float32)`."
-                )
+        shape = path_shape(shape)
         with jax.numpy_dtype_promotion("standard"):
             times = [t0, t1, tol] + ([] if dt is None else [dt])
             time_dtype = jnp.result_type(*times, float)
@@ -383,16 +370,7 @@ class BrownianInterval(AbstractBrownianPath):
 
         time_dtype = self._time_dtype
         zero = [
-            lv.Levy(
-                dt=jnp.zeros((), time_dtype),
-                W=jnp.zeros(struct.shape, struct.dtype),
-                bar_H=None
-                if self.levy_area is BrownianIncrement
-                else jnp.zeros(struct.shape, struct.dtype),
-                bar_K=None
-                if self.levy_area is not SpaceTimeTimeLevyArea
-                else jnp.zeros(struct.shape, struct.dtype),
-            )
+            lv.zeros(struct, self.levy_area, time_dtype)
             for struct in jtu.tree_leaves(self.shape)
         ]
 

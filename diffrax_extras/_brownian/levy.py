@@ -65,6 +65,18 @@ def zero(like: Levy) -> Levy:
     )
 
 
+def zeros(struct, levy_area: LevyAreaType, time_dtype) -> Levy:
+    """The increment over an empty interval, for one leaf of a path's `shape`."""
+    n = num_normals(levy_area)
+    z = jnp.zeros(struct.shape, struct.dtype)
+    return Levy(
+        dt=jnp.zeros((), time_dtype),
+        W=z,
+        bar_H=z if n >= 2 else None,
+        bar_K=z if n >= 3 else None,
+    )
+
+
 def concatenate(x: Levy, y: Levy) -> Levy:
     """Chen's relation: the increment over $[s, u]$ from those over $[s, t]$ and
     $[t, u]$."""
