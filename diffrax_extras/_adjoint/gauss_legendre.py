@@ -89,7 +89,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     everything differentiable inside `terms`; `jax.jit` and `jax.vmap`.
 
     Not supported (each raises an error at trace time): Brownian controls (SDEs; train
-    them as ODEs driven by smooth noise, or use [`diffrax_extras.ReversibleAdjoint`][]),
+    them as ODEs driven by smooth noise with [`diffrax_extras.WongZakai`][], or use
+    [`diffrax_extras.ReversibleAdjoint`][]),
     events, `SaveAt(steps=True)`, `SaveAt(dense=True)`, `SaveAt(fn=...)`,
     `SaveAt(subs=...)`, and gradients with respect to `t0`, `t1`, `SaveAt(ts=...)` or
     the knot times of an interpolated control.
@@ -182,7 +183,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             raise NotImplementedError(
                 f"`{_NAME}()` does not support Brownian controls: quadrature needs "
                 "an integrand that is smooth in time. Train the SDE as an ODE driven "
-                "by smooth noise (the Wong–Zakai approach), or use "
+                "by smooth noise with `diffrax_extras.WongZakai(terms).ode_terms(...)`"
+                ", or use "
                 "`adjoint=diffrax_extras.ReversibleAdjoint()` with a reversible "
                 "solver and `diffrax_extras.BrownianInterval`."
             )
