@@ -38,3 +38,10 @@ def test_reversible_stability_runs_and_saves_its_plot():
     table = _remove(output / "stiff.md")
     assert "Reversible(Tsit5(), 0.5)" in _run_example("reversible_stability.py")
     assert plot.exists() and table.exists()
+
+
+def test_wong_zakai_ou_runs_and_saves_its_plot():
+    plot = _remove(EXAMPLES / "wong_zakai_ou_output" / "paths.png")
+    out = _run_example("wong_zakai_ou.py")
+    assert "trained as ODE" in out and "trained as SDE" in out
+    assert plot.exists()
