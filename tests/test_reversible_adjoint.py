@@ -22,14 +22,15 @@ SOLVER = dxe.ReversibleHeun()
 EXACT = 1e-10  # float64; the adjoint reconstructs states to rounding error only
 
 
-# Latin squares: each problem meets every controller and every SaveAt form, without
-# compiling the full product; the pairings differ between problems.
-_SHIFTS = {"ode": (0,), "cde": (1,), "sde": (3,)}
+# Latin squares: each of the ODE and CDE problems meets every controller and every
+# SaveAt form, without compiling the full product; the SDE, whose compiles are the
+# slowest, half of one (the Reversible and BrownianInterval tests cover SDEs too).
+_SHIFTS = {"ode": 0, "cde": 1, "sde": 3}
 MATRIX = [
     (kind, c, list(SAVEATS)[(i + shift) % len(SAVEATS)])
-    for kind, shifts in _SHIFTS.items()
-    for shift in shifts
+    for kind, shift in _SHIFTS.items()
     for i, c in enumerate(CONTROLLERS)
+    if kind != "sde" or c in ("constant", "clip")
 ]
 
 

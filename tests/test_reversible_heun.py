@@ -19,8 +19,8 @@ SOLVER = dxe.ReversibleHeun()
 
 @pytest.mark.parametrize("kind", ["ode", "cde", "sde"])
 def test_backward_step_inverts_step(kind):
-    jumps = [False] * 20
-    jumps[7] = jumps[13] = True  # re-evaluations after jumps must be undone too
+    # Few steps, as they are unrolled; re-evaluations after jumps must be undone too.
+    jumps = [False, False, True, False, False, True, True, False]
     y0_error, dense_error = inversion_errors(SOLVER, kind, jumps)
     assert y0_error < 1e-12 and dense_error < 1e-12
 
