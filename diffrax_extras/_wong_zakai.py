@@ -125,7 +125,7 @@ class KarhunenLoevePath(AbstractPath):
         **Arguments:**
 
         - `brownian`: a Brownian path, such as [`diffrax_extras.BrownianInterval`][]
-            or [`diffrax.VirtualBrownianTree`][].
+            or `diffrax.VirtualBrownianTree`.
         - `n_modes`: the number of terms of the series.
         - `num_points`: the number of steps on which `brownian` is sampled.
         """

@@ -31,7 +31,12 @@ import diffrax_extras as dxe  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 TINY = os.environ.get("DIFFRAX_EXTRAS_TINY") == "1"
-OUTPUT = pathlib.Path(__file__).parent / "quickstart_output"
+# Plots go next to this script unless DIFFRAX_EXTRAS_OUTPUT names another folder
+# (the tests use a temporary one, so the committed plots stay those of full runs).
+OUTPUT = (
+    pathlib.Path(os.environ.get("DIFFRAX_EXTRAS_OUTPUT", pathlib.Path(__file__).parent))
+    / "quickstart_output"
+)
 TRAIN_STEPS = 20 if TINY else 2000
 NUM_STEPS = 100  # solver steps over [0, 5]
 TS = jnp.linspace(0.0, 5.0, 40)
@@ -128,7 +133,7 @@ def main():
         f"store-every-step {ref / 1e6:.2f} MB ({ref / rev:.0f}x more)"
     )
 
-    OUTPUT.mkdir(exist_ok=True)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
     fit = solve(model, ys[0], dxe.ReversibleAdjoint())
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(ys[:, 0], ys[:, 1], "o", label="data")

@@ -31,7 +31,12 @@ import diffrax_extras as dxe  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-OUTPUT = pathlib.Path(__file__).parent / "reversible_stability_output"
+# Plots go next to this script unless DIFFRAX_EXTRAS_OUTPUT names another folder
+# (the tests use a temporary one, so the committed plots stay those of full runs).
+OUTPUT = (
+    pathlib.Path(os.environ.get("DIFFRAX_EXTRAS_OUTPUT", pathlib.Path(__file__).parent))
+    / "reversible_stability_output"
+)
 TINY = os.environ.get("DIFFRAX_EXTRAS_TINY") == "1"
 
 
@@ -130,7 +135,7 @@ def stiff_example() -> str:
 
 
 def main():
-    OUTPUT.mkdir(exist_ok=True)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
     stability_regions()
     table = stiff_example()
     (OUTPUT / "stiff.md").write_text(table)

@@ -37,7 +37,12 @@ import diffrax_extras as dxe  # noqa: E402
 
 
 TINY = os.environ.get("DIFFRAX_EXTRAS_TINY") == "1"
-OUTPUT = pathlib.Path(__file__).parent / "wong_zakai_ou_output"
+# Plots go next to this script unless DIFFRAX_EXTRAS_OUTPUT names another folder
+# (the tests use a temporary one, so the committed plots stay those of full runs).
+OUTPUT = (
+    pathlib.Path(os.environ.get("DIFFRAX_EXTRAS_OUTPUT", pathlib.Path(__file__).parent))
+    / "wong_zakai_ou_output"
+)
 T1 = 10.0
 TS = jnp.linspace(0.0, T1, 21)
 DT = 0.1
@@ -185,7 +190,7 @@ def train(paths_fn, data_paths, key, label):
 
 
 def main():
-    OUTPUT.mkdir(exist_ok=True)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
     k_data, k_ode, k_sde, k_eval = jr.split(jr.key(2023), 4)
     data_paths = data(k_data)
 

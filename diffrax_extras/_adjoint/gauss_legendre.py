@@ -51,10 +51,10 @@ _KNOTTED_PATHS = (LinearInterpolation, CubicInterpolation)
 
 
 class GaussLegendreAdjoint(AbstractAdjoint):
-    r"""Backpropagate through [`diffrax.diffeqsolve`][] by the continuous adjoint,
+    r"""Backpropagate through `diffrax.diffeqsolve` by the continuous adjoint,
     computing the parameter gradient by Gauss–Legendre quadrature.
 
-    [`diffrax.BacksolveAdjoint`][] integrates the adjoint of the parameters, a vector
+    `diffrax.BacksolveAdjoint` integrates the adjoint of the parameters, a vector
     as long as the parameters, through every stage of the backward solve. This adjoint
     solves only the state and its adjoint $a(t) = \partial L / \partial y(t)$
     backwards,
@@ -74,17 +74,17 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     is exact when the integrand is a polynomial in $t$ of degree at most
     $2\,\mathtt{n\_nodes} - 1$; its error otherwise falls quickly with `n_nodes` for
     smooth vector fields. Where a control is a piecewise polynomial
-    ([`diffrax.LinearInterpolation`][], [`diffrax.CubicInterpolation`][]), whose
+    (`diffrax.LinearInterpolation`, `diffrax.CubicInterpolation`), whose
     derivative is not smooth across its knots, the intervals are split at the knots.
 
-    Like [`diffrax.BacksolveAdjoint`][] the gradient is that of the continuous
+    Like `diffrax.BacksolveAdjoint` the gradient is that of the continuous
     problem, so it differs from the gradient of the discretised solve
-    ([`diffrax.RecursiveCheckpointAdjoint`][]) by the solver's error and the
+    (`diffrax.RecursiveCheckpointAdjoint`) by the solver's error and the
     quadrature's; memory does not grow with the number of steps. It is fastest when the
     parameters are many and the state is small.
 
-    Supports [`diffrax.ODETerm`][], [`diffrax.ControlTerm`][] over a differentiable
-    path (neural CDEs), `ControlTerm(...).to_ode()` and [`diffrax.MultiTerm`][]s of
+    Supports `diffrax.ODETerm`, `diffrax.ControlTerm` over a differentiable
+    path (neural CDEs), `ControlTerm(...).to_ode()` and `diffrax.MultiTerm`s of
     these; `SaveAt(t0=..., t1=..., ts=...)`; gradients with respect to `y0`, `args` and
     everything differentiable inside `terms`; `jax.jit` and `jax.vmap`.
 
@@ -117,7 +117,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         - `n_nodes`: the number of Gauss–Legendre nodes per interval between saved
             times (and knots of interpolated controls).
         - `**kwargs`: options for the backward solves, as for
-            [`diffrax.BacksolveAdjoint`][]: `solver`, `stepsize_controller`, `dt0`,
+            `diffrax.BacksolveAdjoint`: `solver`, `stepsize_controller`, `dt0`,
             `max_steps` and `throw`. Each defaults to what the forward solve used
             (`dt0` with its sign flipped). `max_steps` applies to each interval.
         """

@@ -32,7 +32,7 @@ def _is_save_state(x: Any) -> bool:
 
 
 class ReversibleAdjoint(AbstractAdjoint):
-    """Backpropagate through [`diffrax.diffeqsolve`][] by running an algebraically
+    """Backpropagate through `diffrax.diffeqsolve` by running an algebraically
     reversible solver backwards.
 
     The forward pass is an ordinary solve that keeps only the final state and the
@@ -40,7 +40,7 @@ class ReversibleAdjoint(AbstractAdjoint):
     step it reconstructs the previous state with the solver's exact inverse
     (`backward_step`) and pulls the cotangents back through the forward step there.
     The gradient is that of the discretised solve (the same as
-    [`diffrax.RecursiveCheckpointAdjoint`][] with the same solver, up to floating
+    `diffrax.RecursiveCheckpointAdjoint` with the same solver, up to floating
     point), at about the cost of storing every step, in memory that does not grow with
     the number of steps (apart from one buffer of `max_steps` step times).
 
@@ -51,7 +51,7 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     Supports ODEs, CDEs and SDEs (with a Brownian path that is a pure function of the
     query, such as [`diffrax_extras.BrownianInterval`][] or
-    [`diffrax.VirtualBrownianTree`][]), any step size controller
+    `diffrax.VirtualBrownianTree`), any step size controller
     (including `jump_ts` and `step_ts`), `SaveAt(t0=..., t1=..., ts=..., steps=...,
     fn=...)` and `SaveAt(subs=...)`; gradients with respect to `y0`, `args` and
     everything differentiable inside `terms`.

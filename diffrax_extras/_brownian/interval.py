@@ -61,12 +61,12 @@ class BrownianInterval(AbstractBrownianPath):
     both ends before bridging down to each end.
 
     So a fixed-step solve whose steps are the pieces (`dt` equal to the solver's `dt0`)
-    costs what [`diffrax.UnsafeBrownianPath`][] costs, one draw per step; and unlike
+    costs what `diffrax.UnsafeBrownianPath` costs, one draw per step; and unlike
     it, the path is a pure function of `key` and the query, so it can be queried again
     (rejected adaptive steps, checkpoint replay,
     [`diffrax_extras.ReversibleAdjoint`][]), backwards in time, in any order, under
     `jax.vmap`, and always returns bitwise the same values. Compared with
-    [`diffrax.VirtualBrownianTree`][], which descends from the root for both ends of
+    `diffrax.VirtualBrownianTree`, which descends from the root for both ends of
     every step, queries inside a piece descend a tree over `dt` rather than over
     $t_1 - t_0$, from the node the two ends share.
 
@@ -78,9 +78,9 @@ class BrownianInterval(AbstractBrownianPath):
 
     !!! info "Lévy Area"
 
-        `levy_area` can be [`diffrax.BrownianIncrement`][] (the default),
-        [`diffrax.SpaceTimeLevyArea`][] (for solvers such as `SPaRK`, `ShARK` and
-        `SRA1`) or [`diffrax.SpaceTimeTimeLevyArea`][]. Across pieces the areas are
+        `levy_area` can be `diffrax.BrownianIncrement` (the default),
+        `diffrax.SpaceTimeLevyArea` (for solvers such as `SPaRK`, `ShARK` and
+        `SRA1`) or `diffrax.SpaceTimeTimeLevyArea`. Across pieces the areas are
         combined by Chen's relation. The choice changes the path drawn from a key.
 
     !!! tip "Choosing `dt`"
@@ -396,7 +396,7 @@ class BrownianInterval(AbstractBrownianPath):
         left: bool = True,
         use_levy: bool = False,
     ) -> PyTree[Array] | AbstractBrownianIncrement:
-        """Implements [`diffrax.AbstractBrownianPath.evaluate`][].
+        """Implements `diffrax.AbstractBrownianPath.evaluate`.
 
         With `t1 < t0` this returns the increment run backwards in time, as
         `diffrax.VirtualBrownianTree` does: `dt` and `W` (and `K`) change sign, `H`

@@ -16,7 +16,7 @@ _SolverState = TypeVar("_SolverState")
 class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverState]):
     """Abstract base class for algebraically reversible solvers.
 
-    A reversible solver has, besides the usual [`diffrax.AbstractSolver.step`][], an
+    A reversible solver has, besides the usual `diffrax.AbstractSolver.step`, an
     exact inverse `backward_step`: given what `step` returned it reconstructs what
     `step` was given, up to floating-point rounding. This is what lets
     [`diffrax_extras.ReversibleAdjoint`][] compute the exact gradient of the
@@ -56,7 +56,7 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
         A 4-tuple `(y0, dense_info, solver_state, result)`: the value of `y` at `t0`,
         the same dense information the forward step produced, the solver state the
         forward step was given (parts that the forward step ignores because of its
-        own `made_jump` may be returned stale), and a [`diffrax.RESULTS`][].
+        own `made_jump` may be returned stale), and a `diffrax.RESULTS`.
         """
 
     def backward_step_vjp(

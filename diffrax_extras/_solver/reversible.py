@@ -87,7 +87,7 @@ class Reversible(
     a Stratonovich solver (`EulerHeun`, `Heun`, `Midpoint`, `SPaRK`, `ShARK`,
     `GeneralShARK`, `SRA1`, ...), given a Brownian path that can be queried backwards
     in time and again, such as [`diffrax_extras.BrownianInterval`][] or
-    [`diffrax.VirtualBrownianTree`][].
+    `diffrax.VirtualBrownianTree`.
 
     !!! tip "Choosing the coupling"
 

@@ -46,7 +46,7 @@ class ReversibleHeun(
     interpolation for dense output and `SaveAt(ts=...)`.
 
     Unlike `diffrax.ReversibleHeun`, after a jump (`jump_ts` of
-    [`diffrax.ClipStepSizeController`][]) this re-evaluates the vector field at
+    `diffrax.ClipStepSizeController`) this re-evaluates the vector field at
     $\hat{y}_0$, not $y_0$, so the solve stays exactly reversible across jumps.
     Without jumps the two produce the same numbers;
     [`diffrax_extras.ReversibleAdjoint`][] accepts `diffrax.ReversibleHeun()` and
