@@ -1,4 +1,6 @@
 import gc
+import pathlib
+import sys
 
 import jax
 import pytest
@@ -11,12 +13,49 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+# Every compiled XLA program keeps its own memory mappings, and one process compiling
+# the whole suite would pass Linux's default limit of 65,530 mappings
+# (`vm.max_map_count`), after which XLA's compiler segfaults. Dropping the compiled
+# programs after every file stays far below it but recompiles what files share (the
+# small eager-mode programs of `jax.random` and `jax.numpy` in every file), so they
+# are dropped only once the process holds more than this many mappings; one file
+# adds at most about 15,000.
+_MAPPINGS = pathlib.Path("/proc/self/maps")
+_CLEAR_ABOVE = 35_000
+
+
+def _mappings() -> int | None:
+    try:
+        with _MAPPINGS.open() as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    # Every compiled XLA program keeps its own memory mappings, and one process
-    # compiling the whole suite would pass Linux's default limit of 65,530 mappings
-    # (`vm.max_map_count`), after which XLA's compiler segfaults. Programs are shared
-    # within a test file, not across them, so each file's are dropped when it ends.
     yield
-    jax.clear_caches()
-    gc.collect()
+    count = _mappings()
+    if count is None or count > _CLEAR_ABOVE:
+        jax.clear_caches()
+        gc.collect()
+
+
+def pytest_collection_finish(session):
+    # Start the selected examples' processes now; see tests/test_examples.py.
+    names = [
+        item.name
+        for item in session.items
+        if getattr(item, "module", None) is not None
+        and item.module.__name__.endswith("test_examples")
+    ]
+    if names:
+        from . import test_examples
+
+        test_examples.start(names)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    module = sys.modules.get(f"{__package__}.test_examples")
+    if module is not None:
+        module.stop()
