@@ -26,7 +26,8 @@ def lipswish(x: ArrayLike) -> Array:
 
     **Arguments:**
 
-    - `x`: an array (or anything `jax.numpy` accepts); floating dtypes keep theirs.
+    - `x`: a floating array (or anything `jax.numpy` turns into one); its dtype is
+        kept. Integer inputs are refused.
 
     **Returns:**
 
@@ -53,6 +54,11 @@ def lipswish(x: ArrayLike) -> Array:
         ```
     """
     x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`lipswish` needs a floating array `x`, but got dtype {x.dtype}. Cast it "
+            "first, for example `x.astype(jnp.float32)`."
+        )
     return jnp.asarray(_LIPSWISH_SCALE, dtype=x.dtype) * jax.nn.silu(x)
 
 

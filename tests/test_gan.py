@@ -15,6 +15,11 @@ def test_lipswish_is_silu_scaled_and_keeps_dtype():
         assert dxe.lipswish(jnp.ones(3, dtype)).dtype == dtype
 
 
+def test_lipswish_refuses_integers():
+    with pytest.raises(TypeError, match="needs a floating array `x`.*astype"):
+        dxe.lipswish(jnp.arange(3))
+
+
 def test_lipswish_lipschitz_constant_is_at_most_one():
     # The slope peaks near x = 2.4; a fine grid over a wide range finds the maximum
     # and random pairs check the difference quotient directly.
