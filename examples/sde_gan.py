@@ -237,11 +237,14 @@ def penalty(discriminator, real, fake, key):
     return PENALTY * jnp.mean((norms - 1) ** 2)
 
 
-def make_step(variant: Variant, g_optim, d_optim) -> Callable:
+def make_step(variant: Variant, g_optim, d_optim, batch: int) -> Callable:
     @eqx.filter_jit
-    def step(generator, discriminator, g_state, d_state, real, key):
-        gen_key, pen_key = jr.split(key)
-        keys = jr.split(gen_key, real.shape[0])
+    def step(generator, discriminator, g_state, d_state, data, key):
+        batch_key, gen_key, pen_key = jr.split(key, 3)
+        # Drawing the batch inside the compiled step keeps the training loop free of
+        # eager per-step work.
+        real = data[jr.choice(batch_key, data.shape[0], (batch,), replace=False)]
+        keys = jr.split(gen_key, batch)
 
         # Generator and discriminator updated together from one gradient (as in
         # Kidger et al.): the generator descends the Wasserstein estimate, the
@@ -287,16 +290,14 @@ def train(variant, config, data, key):
     d_optim = optax.rmsprop(config.discriminator_lr)
     g_state = g_optim.init(eqx.filter(generator, eqx.is_inexact_array))
     d_state = d_optim.init(eqx.filter(discriminator, eqx.is_inexact_array))
-    step = make_step(variant, g_optim, d_optim)
+    step = make_step(variant, g_optim, d_optim, config.batch)
 
     distances, times, compile_s = [], [], float("nan")
     compile_start = time.perf_counter()
     for i, step_key in enumerate(jr.split(loop_key, config.steps)):
-        batch_key, step_key = jr.split(step_key)
-        idx = jr.choice(batch_key, data.shape[0], (config.batch,), replace=False)
         start = time.perf_counter()
         generator, discriminator, g_state, d_state, distance = step(
-            generator, discriminator, g_state, d_state, data[idx], step_key
+            generator, discriminator, g_state, d_state, data, step_key
         )
         distance = float(distance)
         if i == 0:
