@@ -1,16 +1,55 @@
-"""What every benchmark script shares: the machine record and interleaved timing."""
+"""What every benchmark script shares: the command line, the machine record,
+interleaved timing, gradient errors and the markdown/JSON output."""
 
+import argparse
+import json
 import os
+import pathlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import diffrax as dfx
 import jax
+import jaxlib
+import numpy as np
+
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+MODES = ("tiny", "quick", "full")
+
+
+def parse_args(
+    description: str, repeats: int = 3, extra: Callable | None = None
+) -> argparse.Namespace:
+    """The options every benchmark takes.
+
+    `--mode` picks the problem sizes: `full` (the published tables), `quick` (a few
+    minutes on 2 CPU cores) or `tiny` (seconds; checks that everything runs, the
+    numbers mean little). `--quick` is short for `--mode quick`. Results go to
+    `--out` (default `benchmarks/results/`) as `<name>.{json,md}`, with `_quick` or
+    `_tiny` appended outside full mode.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--mode", choices=MODES, default="full")
+    parser.add_argument("--quick", action="store_true", help="same as --mode quick")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.mode = "quick"
+    return args
+
+
+def result_stem(name: str, mode: str) -> str:
+    return name if mode == "full" else f"{name}_{mode}"
 
 
 def machine() -> dict:
+    """CPU model, core count, accelerator, versions and date of this run."""
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:
@@ -21,13 +60,25 @@ def machine() -> dict:
                     break
     except OSError:
         pass
+    gpus = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
     return dict(
         cpu=cpu,
         cores=os.cpu_count(),
         device=f"{device.platform}: {device.device_kind}",
+        gpu=gpus[0] if gpus else None,
         jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
         diffrax=getattr(dfx, "__version__", "?"),
         date=time.strftime("%Y-%m-%d"),
+    )
+
+
+def describe(info: dict) -> str:
+    """One sentence naming when, where and with what a table was measured."""
+    where = info["gpu"] or f"{info['cpu']} ({info['cores']} cores)"
+    return (
+        f"Measured {info['date']} on {where}, jax {info['jax']} (jaxlib "
+        f"{info.get('jaxlib', '?')}), diffrax {info['diffrax']}."
     )
 
 
@@ -46,3 +97,49 @@ def interleaved_medians(
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compile_timed(fn, *inputs) -> tuple[Callable, float]:
+    """`fn` (a `jax.jit`-wrapped function) compiled for `inputs`, and the seconds
+    that took."""
+    start = time.perf_counter()
+    compiled = fn.lower(*inputs).compile()
+    return compiled, time.perf_counter() - start
+
+
+def relative_error(reference, other) -> float:
+    """Max over leaves of max|other - reference| / max|reference|, in float64."""
+    errors = []
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(other), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        errors.append(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+    return float(max(errors))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; a header ending in `:` (dropped) is right-aligned."""
+    titles = [h.rstrip(":") for h in header]
+    align = ["---:" if h.endswith(":") else "---" for h in header]
+    lines = ["| " + " | ".join(titles) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def log(**fields) -> None:
+    """Prints one measurement as it is made, so long runs show progress."""
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{name}={value}")
+    print("  ".join(parts), flush=True)
+
+
+def save(name: str, args: argparse.Namespace, payload: dict, table: str) -> None:
+    """Writes `<out>/<stem>.json` (payload + mode) and `<out>/<stem>.md`."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(name, args.mode)
+    payload = dict(payload, mode=args.mode, repeats=args.repeats)
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    (args.out / f"{stem}.md").write_text(table)
+    print(table, flush=True)

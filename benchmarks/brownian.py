@@ -20,14 +20,11 @@ motion with diagonal noise). Three step patterns:
   pieces of h. (`UnsafeBrownianPath` cannot take adaptive steps in `diffeqsolve`.)
 
 Run time is the median of interleaved repeats after compilation; compile time is
-reported separately. Writes `benchmarks/results/brownian{_quick}.{json,md}`.
+reported separately. Writes `benchmarks/results/brownian{_quick,_tiny}.{json,md}`.
 
-Run: `python benchmarks/brownian.py [--quick]`.
+Run: `python benchmarks/brownian.py [--mode full|quick|tiny]`.
 """
 
-import argparse
-import json
-import pathlib
 import time
 
 import diffrax as dfx
@@ -36,12 +33,19 @@ import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
 import numpy as np
-from _common import interleaved_medians, machine
+from _common import (
+    describe,
+    interleaved_medians,
+    log,
+    machine,
+    markdown_table,
+    parse_args,
+    save,
+)
 
 import diffrax_extras as dxe
 
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 SHAPE = (256, 16)
 PATHS = ["UnsafeBrownianPath", "VirtualBrownianTree", "BrownianInterval"]
 MODES = ["on", "off", "adaptive"]
@@ -139,13 +143,14 @@ def build_solve(name, num_steps, mode, levy_area):
     return run, None
 
 
-def run(grid, repeats):
+def run(grid, repeats, levy_areas, contexts, modes):
     key = jr.PRNGKey(0)
     rows = []
     for num_steps in grid:
-        for levy_area in [dfx.BrownianIncrement, dfx.SpaceTimeLevyArea]:
-            for context, build in [("scan", build_scan), ("diffeqsolve", build_solve)]:
-                for mode in MODES:
+        for levy_area in levy_areas:
+            for context in contexts:
+                build = build_scan if context == "scan" else build_solve
+                for mode in modes:
                     names = [
                         p
                         for p in PATHS
@@ -181,71 +186,80 @@ def run(grid, repeats):
                             compile_seconds=compile_s[name],
                         )
                         rows.append(row)
-                        print(
-                            f"N={num_steps:6d} {row['levy_area']:18s} {context:11s} "
-                            f"{mode:8s} {name:20s} {row['us_per_step']:9.1f} us/step "
-                            f"({row['steps']} steps), compile "
-                            f"{row['compile_seconds']:.1f} s",
-                            flush=True,
-                        )
+                        log(**row)
     return rows
 
 
 def markdown(rows, info, repeats) -> str:
-    lines = [
-        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, "
-        f"{info['device']}), jax {info['jax']}, diffrax {info['diffrax']}. Shape "
-        f"{SHAPE}, float32, median of {repeats} interleaved repeats; µs per step "
-        "(queries in the scan; accepted plus rejected steps in the solve). "
-        "`on`: steps are the pieces; `off`: pieces of 1.3 steps; `adaptive`: "
-        "random steps with rejections (scan) or a PID controller (solve).",
-        "",
-        "| N | Lévy area | context | steps | queries (rejected) | Unsafe µs "
-        "| VirtualTree µs | Interval µs | Interval / Unsafe "
-        "| VirtualTree / Interval | compile Interval / VirtualTree |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    intro = (
+        f"{describe(info)} Shape {SHAPE}, float32, median of {repeats} interleaved "
+        "repeats; µs per step (queries in the scan; accepted plus rejected steps in "
+        "the solve). `on`: steps are the pieces; `off`: pieces of 1.3 steps; "
+        "`adaptive`: random steps with rejections (scan) or a PID controller (solve)."
+    )
     groups: dict = {}
     for r in rows:
         key = (r["N"], r["levy_area"], r["context"], r["mode"])
         groups.setdefault(key, {})[r["path"]] = r
+    table = []
     for (n, levy, context, mode), by_path in groups.items():
         interval = by_path["BrownianInterval"]
         tree = by_path["VirtualBrownianTree"]
         unsafe = by_path.get("UnsafeBrownianPath")
-        unsafe_us = "n/a" if unsafe is None else f"{unsafe['us_per_step']:.1f}"
-        vs_unsafe = (
-            "n/a"
-            if unsafe is None
-            else f"{interval['us_per_step'] / unsafe['us_per_step']:.2f}x"
-        )
         count = f"{interval['steps']}"
         if interval["rejected_steps"] is not None:
             count += f" ({interval['rejected_steps']})"
-        lines.append(
-            f"| {n} | {levy} | {context} | {mode} | {count} | {unsafe_us} | "
-            f"{tree['us_per_step']:.1f} | {interval['us_per_step']:.1f} | "
-            f"{vs_unsafe} | {tree['us_per_step'] / interval['us_per_step']:.1f}x | "
-            f"{interval['compile_seconds'] / tree['compile_seconds']:.2f}x |"
+        table.append(
+            [
+                n,
+                levy,
+                context,
+                mode,
+                count,
+                "n/a" if unsafe is None else f"{unsafe['us_per_step']:.1f}",
+                f"{tree['us_per_step']:.1f}",
+                f"{interval['us_per_step']:.1f}",
+                "n/a"
+                if unsafe is None
+                else f"{interval['us_per_step'] / unsafe['us_per_step']:.2f}x",
+                f"{tree['us_per_step'] / interval['us_per_step']:.1f}x",
+                f"{interval['compile_seconds'] / tree['compile_seconds']:.2f}x",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    header = [
+        "N:",
+        "Lévy area",
+        "context",
+        "steps",
+        "queries (rejected):",
+        "Unsafe µs:",
+        "VirtualTree µs:",
+        "Interval µs:",
+        "Interval / Unsafe:",
+        "VirtualTree / Interval:",
+        "compile Interval / VirtualTree:",
+    ]
+    return intro + "\n\n" + markdown_table(header, table)
+
+
+LEVY_AREAS = [dfx.BrownianIncrement, dfx.SpaceTimeLevyArea]
+CONTEXTS = ["scan", "diffeqsolve"]
+SIZES = {
+    # mode: (N, Lévy areas, contexts, step patterns)
+    "full": ([1000, 10_000], LEVY_AREAS, CONTEXTS, MODES),
+    "quick": ([1000], LEVY_AREAS, CONTEXTS, MODES),
+    # Only the rows the benchmark runner's headline reads.
+    "tiny": ([100], LEVY_AREAS[:1], ["diffeqsolve"], ["on"]),
+}
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="N = 1,000 only")
-    parser.add_argument("--repeats", type=int, default=3)
-    cli = parser.parse_args()
-    grid = [1000] if cli.quick else [1000, 10_000]
+    args = parse_args(__doc__.splitlines()[0])
     info = machine()
-    rows = run(grid, cli.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if cli.quick else ""
-    out = dict(machine=info, shape=SHAPE, repeats=cli.repeats, rows=rows)
-    (RESULTS / f"brownian{suffix}.json").write_text(json.dumps(out, indent=2))
-    table = markdown(rows, info, cli.repeats)
-    (RESULTS / f"brownian{suffix}.md").write_text(table)
-    print(table)
+    grid, levy_areas, contexts, modes = SIZES[args.mode]
+    rows = run(grid, args.repeats, levy_areas, contexts, modes)
+    payload = dict(machine=info, shape=SHAPE, rows=rows)
+    save("brownian", args, payload, markdown(rows, info, args.repeats))
 
 
 if __name__ == "__main__":

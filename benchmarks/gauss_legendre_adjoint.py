@@ -17,15 +17,12 @@ the same process:
 The continuous adjoints (Backsolve, Gauss-Legendre) differ from the discretised one
 by the solver's error; the quadrature adds its own, which `n_nodes` controls.
 
-Writes `benchmarks/results/gauss_legendre_adjoint{_quick}.{json,md}`.
+Writes `benchmarks/results/gauss_legendre_adjoint{_quick,_tiny}.{json,md}`.
 
-Run: `python benchmarks/gauss_legendre_adjoint.py [--quick]`.
+Run: `python benchmarks/gauss_legendre_adjoint.py [--mode full|quick|tiny]`.
 """
 
-import argparse
 import functools as ft
-import json
-import pathlib
 import time
 
 import diffrax as dfx
@@ -33,15 +30,22 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import numpy as np
-from _common import interleaved_medians, machine
+from _common import (
+    describe,
+    interleaved_medians,
+    log,
+    machine,
+    markdown_table,
+    parse_args,
+    relative_error,
+    save,
+)
 
 
 jax.config.update("jax_enable_x64", True)
 import diffrax_extras as dxe  # noqa: E402
 
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 DIM, T1, RTOL = 4, 2.0, 1e-6
 SAVE_TS = jnp.linspace(0.2, T1, 10)
 
@@ -88,14 +92,6 @@ def grad_fn(adjoint, tol=RTOL):
     return grad
 
 
-def relative_error(reference, other) -> float:
-    errors = []
-    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(other), strict=True):
-        a, b = np.asarray(a), np.asarray(b)
-        errors.append(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-    return float(max(errors))
-
-
 def run(cases, repeats):
     seminorm = dfx.PIDController(
         rtol=RTOL, atol=1e-2 * RTOL, norm=dfx.adjoint_rms_seminorm
@@ -135,68 +131,68 @@ def run(cases, repeats):
                 error_vs_tight=relative_error(tight, grads[name]),
             )
             rows.append(row)
-            print(
-                f"W={width:5d} state={row['state']:4d} {name:28s} "
-                f"{row['seconds'] * 1e3:9.1f} ms  error "
-                f"{row['error_vs_checkpoint']:.1e} / {row['error_vs_tight']:.1e}  "
-                f"compile {row['compile_seconds']:.1f} s",
-                flush=True,
-            )
+            log(**row)
     return rows
 
 
 def markdown(rows, info, repeats) -> str:
-    lines = [
-        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, "
-        f"{info['device']}), jax {info['jax']}, diffrax {info['diffrax']}. Neural "
-        "ODE, MLP with two hidden layers of width W, Tsit5 + PID (rtol 1e-6, atol "
-        f"1e-8), float64, 10 saved times on [0, 2]; median of {repeats} interleaved "
-        "repeats. Errors: relative to RecursiveCheckpointAdjoint at the same "
-        "tolerances / at rtol = atol = 1e-11.",
-        "",
-        "| W | state | parameters | adjoint | time per gradient (ms) | vs Backsolve "
-        "| vs RecursiveCheckpoint | error vs RecursiveCheckpoint | error vs tight "
-        "| compile (s) |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    intro = (
+        f"{describe(info)} Neural ODE, MLP with two hidden layers of width W, Tsit5 "
+        "+ PID (rtol 1e-6, atol 1e-8), float64, 10 saved times on [0, 2]; median "
+        f"of {repeats} interleaved repeats. Errors: relative to "
+        "RecursiveCheckpointAdjoint at the same tolerances / at rtol = atol = 1e-11."
+    )
     by_case: dict = {}
     for r in rows:
         by_case.setdefault((r["width"], r["state"]), {})[r["adjoint"]] = r
-    for (width, state), by_name in by_case.items():
+    table = []
+    for by_name in by_case.values():
         backsolve = by_name["BacksolveAdjoint"]["seconds"]
         checkpoint = by_name["RecursiveCheckpointAdjoint"]["seconds"]
         for name, r in by_name.items():
-            lines.append(
-                f"| {width} | {state} | {r['parameters']} | {name} "
-                f"| {r['seconds'] * 1e3:.1f} | {r['seconds'] / backsolve:.2f}x "
-                f"| {r['seconds'] / checkpoint:.2f}x "
-                f"| {r['error_vs_checkpoint']:.1e} | {r['error_vs_tight']:.1e} "
-                f"| {r['compile_seconds']:.1f} |"
+            table.append(
+                [
+                    r["width"],
+                    r["state"],
+                    r["parameters"],
+                    name,
+                    f"{r['seconds'] * 1e3:.1f}",
+                    f"{r['seconds'] / backsolve:.2f}x",
+                    f"{r['seconds'] / checkpoint:.2f}x",
+                    f"{r['error_vs_checkpoint']:.1e}",
+                    f"{r['error_vs_tight']:.1e}",
+                    f"{r['compile_seconds']:.1f}",
+                ]
             )
-    return "\n".join(lines) + "\n"
+    header = [
+        "W:",
+        "state:",
+        "parameters:",
+        "adjoint",
+        "time per gradient (ms):",
+        "vs Backsolve:",
+        "vs RecursiveCheckpoint:",
+        "error vs RecursiveCheckpoint:",
+        "error vs tight:",
+        "compile (s):",
+    ]
+    return intro + "\n\n" + markdown_table(header, table)
+
+
+CASES = {
+    # mode: [(MLP width, batch of states or None)]
+    "full": [(64, None), (256, None), (1024, None), (2048, None), (64, 128)],
+    "quick": [(64, None), (1024, None)],
+    "tiny": [(8, None)],
+}
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--quick", action="store_true", help="widths 64 and 1024, no large state"
-    )
-    parser.add_argument("--repeats", type=int, default=3)
-    cli = parser.parse_args()
-    if cli.quick:
-        cases = [(64, None), (1024, None)]
-    else:
-        cases = [(64, None), (256, None), (1024, None), (2048, None), (64, 128)]
+    args = parse_args(__doc__.splitlines()[0])
     info = machine()
-    rows = run(cases, cli.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if cli.quick else ""
-    out = dict(machine=info, repeats=cli.repeats, rows=rows)
-    name = f"gauss_legendre_adjoint{suffix}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
-    table = markdown(rows, info, cli.repeats)
-    (RESULTS / f"{name}.md").write_text(table)
-    print(table)
+    rows = run(CASES[args.mode], args.repeats)
+    payload = dict(machine=info, rows=rows)
+    save("gauss_legendre_adjoint", args, payload, markdown(rows, info, args.repeats))
 
 
 if __name__ == "__main__":

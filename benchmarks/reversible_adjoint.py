@@ -1,8 +1,9 @@
 """Gradient time and compiled memory: `ReversibleAdjoint` against diffrax's built-ins.
 
-A neural ODE (state 32, MLP width 128, batch 256, float64) solved over N fixed steps.
-For each N the gradient of a loss is timed, in the same process and interleaved, for
-two groups of configurations, each compared with its own diffrax baseline:
+A neural ODE (full mode: state 32, MLP width 128, batch 256, float64) solved over N
+fixed steps. For each N the gradient of a loss is timed, in the same process and
+interleaved, for two groups of configurations, each compared with its own diffrax
+baseline:
 
 - `ReversibleHeun` with `diffrax_extras.ReversibleAdjoint()`, with
   `diffrax.RecursiveCheckpointAdjoint()` (diffrax's default: O(log N) checkpoints) and
@@ -12,30 +13,33 @@ two groups of configurations, each compared with its own diffrax baseline:
   `diffrax.Tsit5()` with `RecursiveCheckpointAdjoint()` and with store-every-step.
 
 Compile time is measured separately; run time is the median of several repeats.
-Writes `benchmarks/results/reversible_adjoint.{json,md}`.
+Writes `benchmarks/results/reversible_adjoint{_quick,_tiny}.{json,md}`.
 
-Run: `python benchmarks/reversible_adjoint.py [--quick]`.
+Run: `python benchmarks/reversible_adjoint.py [--mode full|quick|tiny]`.
 """
 
-import argparse
 import functools as ft
-import json
-import pathlib
-import time
 
 import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from _common import interleaved_medians, machine
+from _common import (
+    compile_timed,
+    describe,
+    interleaved_medians,
+    log,
+    machine,
+    markdown_table,
+    parse_args,
+    save,
+)
 
 import diffrax_extras as dxe
 
 
 jax.config.update("jax_enable_x64", True)
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def make_grad(solver, adjoint, num_steps, state, width, batch):
@@ -60,10 +64,7 @@ def make_grad(solver, adjoint, num_steps, state, width, batch):
         )
         return jnp.mean(sol.ys**2)
 
-    grad = jax.jit(jax.grad(loss))
-    start = time.perf_counter()
-    compiled = grad.lower(params, y0).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = compile_timed(jax.jit(jax.grad(loss)), params, y0)
     memory = compiled.memory_analysis().temp_size_in_bytes
     return compiled, (params, y0), compile_s, memory
 
@@ -110,6 +111,14 @@ CONFIGS = [
 ]
 
 
+SIZES = {
+    # mode: (step counts, state, MLP width, batch)
+    "full": ([100, 1000, 10_000], 32, 128, 256),
+    "quick": ([100, 1000], 32, 128, 64),
+    "tiny": ([10], 4, 8, 4),
+}
+
+
 def run(grid, repeats, state, width, batch, groups):
     configs = [c for c in CONFIGS if c[0] in groups]
     rows = []
@@ -123,78 +132,74 @@ def run(grid, repeats, state, width, batch, groups):
             repeats,
         )
         for (group, name), (_, _, compile_s, memory) in built.items():
-            row = dict(
-                steps=n,
-                group=group,
-                adjoint=name,
-                seconds=seconds[(group, name)],
-                compile_seconds=compile_s,
-                temp_bytes=memory,
+            rows.append(
+                dict(
+                    steps=n,
+                    group=group,
+                    adjoint=name,
+                    seconds=seconds[(group, name)],
+                    compile_seconds=compile_s,
+                    temp_bytes=memory,
+                )
             )
-            rows.append(row)
-            print(
-                f"N={n:6d} {name:40s} {row['seconds']:8.3f} s  compile "
-                f"{compile_s:5.1f} s  temp {memory / 1e6:8.2f} MB",
-                flush=True,
-            )
+            log(**rows[-1])
     return rows
 
 
 def markdown(rows, info, config) -> str:
-    lines = [
-        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, "
-        f"{info['device']}), jax {info['jax']}, diffrax {info['diffrax']}. "
-        f"Neural ODE: state {config['state']}, MLP width {config['width']}, batch "
-        f"{config['batch']}, float64; median of {config['repeats']} interleaved "
-        "repeats. Ratios are against the baseline of the same group and N: "
-        "`RecursiveCheckpointAdjoint` with the same solver (for `ReversibleHeun`) or "
-        "with plain `Tsit5`, and store-every-step likewise.",
-        "",
-        "| N steps | configuration | time (s) | vs RecursiveCheckpoint "
-        "| vs store-every-step | temp memory (MB) | compile (s) "
-        "| compile vs RecursiveCheckpoint |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    intro = (
+        f"{describe(info)} Neural ODE: state {config['state']}, MLP width "
+        f"{config['width']}, batch {config['batch']}, float64; median of "
+        f"{config['repeats']} interleaved repeats. Ratios are against the baseline "
+        "of the same group and N: `RecursiveCheckpointAdjoint` with the same solver "
+        "(for `ReversibleHeun`) or with plain `Tsit5`, and store-every-step likewise."
+    )
     by_group: dict = {}
     for r in rows:
         by_group.setdefault((r["steps"], r["group"]), []).append(r)
+    table = []
     for r in rows:
         _, ref, floor = by_group[(r["steps"], r["group"])]
-        lines.append(
-            f"| {r['steps']} | {r['group']}: {r['adjoint']} | {r['seconds']:.3f} | "
-            f"{r['seconds'] / ref['seconds']:.2f}x | "
-            f"{r['seconds'] / floor['seconds']:.2f}x | "
-            f"{r['temp_bytes'] / 1e6:.2f} | {r['compile_seconds']:.1f} | "
-            f"{r['compile_seconds'] / ref['compile_seconds']:.2f}x |"
+        table.append(
+            [
+                r["steps"],
+                f"{r['group']}: {r['adjoint']}",
+                f"{r['seconds']:.3f}",
+                f"{r['seconds'] / ref['seconds']:.2f}x",
+                f"{r['seconds'] / floor['seconds']:.2f}x",
+                f"{r['temp_bytes'] / 1e6:.2f}",
+                f"{r['compile_seconds']:.1f}",
+                f"{r['compile_seconds'] / ref['compile_seconds']:.2f}x",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    header = [
+        "N steps:",
+        "configuration",
+        "time (s):",
+        "vs RecursiveCheckpoint:",
+        "vs store-every-step:",
+        "temp memory (MB):",
+        "compile (s):",
+        "compile vs RecursiveCheckpoint:",
+    ]
+    return intro + "\n\n" + markdown_table(header, table)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="N up to 1,000 only")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument(
-        "--groups",
-        default="ReversibleHeun,Tsit5",
-        help="comma-separated groups to run: ReversibleHeun, Tsit5",
-    )
-    cli = parser.parse_args()
-    grid = [100, 1000] if cli.quick else [100, 1000, 10_000]
-    config = dict(state=32, width=128, batch=cli.batch, repeats=cli.repeats)
+    def extra(parser):
+        parser.add_argument(
+            "--groups",
+            default="ReversibleHeun,Tsit5",
+            help="comma-separated groups to run: ReversibleHeun, Tsit5",
+        )
+
+    args = parse_args(__doc__.splitlines()[0], extra=extra)
+    grid, state, width, batch = SIZES[args.mode]
+    config = dict(state=state, width=width, batch=batch, repeats=args.repeats)
     info = machine()
-    groups = cli.groups.split(",")
-    rows = run(
-        grid, cli.repeats, config["state"], config["width"], config["batch"], groups
-    )
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if cli.quick else ""
-    out = dict(machine=info, config=config, rows=rows)
-    (RESULTS / f"reversible_adjoint{suffix}.json").write_text(json.dumps(out, indent=2))
-    table = markdown(rows, info, config)
-    (RESULTS / f"reversible_adjoint{suffix}.md").write_text(table)
-    print(table)
+    rows = run(grid, args.repeats, state, width, batch, args.groups.split(","))
+    payload = dict(machine=info, config=config, rows=rows)
+    save("reversible_adjoint", args, payload, markdown(rows, info, config))
 
 
 if __name__ == "__main__":

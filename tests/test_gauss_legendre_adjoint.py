@@ -197,6 +197,28 @@ def test_vmap_of_grad():
         assert max_relative_error(one_at_a_time(params, s), each) < 1e-12
 
 
+def test_parameters_closed_over_by_the_vector_field():
+    # The model captured by the vector field instead of passed as `args`: converted to
+    # explicit inputs of the adjoint's `custom_vjp` (else a `CustomVJPException`).
+    def loss(a, adjoint):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: -a * jnp.tanh(y) + jnp.sin(a * t)),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            None,
+            jnp.array([1.0, 2.0]),
+            saveat=dfx.SaveAt(ts=SAVE_TS),
+            stepsize_controller=dfx.PIDController(**TIGHT),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    a = jnp.array([0.7, 1.3])
+    ref = jax.grad(loss)(a, dfx.RecursiveCheckpointAdjoint())
+    assert max_relative_error(ref, jax.grad(loss)(a, dxe.GaussLegendreAdjoint())) < 1e-8
+
+
 def test_float32():
     grad32, params32 = _grad("ode", 8, dtype=jnp.float32)
     grad64, _ = _grad("ode", None)

@@ -293,3 +293,25 @@ def test_pytree_structure_of_gradients():
         eqx.filter(params, eqx.is_array)
     )
     assert set(grads["y0"]) == {"x", "v"}
+
+
+def test_parameters_closed_over_by_the_vector_field():
+    # The usual training-loop style: the model is captured by the vector field, not
+    # passed as `args`. The adjoint is a `custom_vjp`; without converting the closure
+    # JAX would raise a `CustomVJPException` (as with `diffrax.BacksolveAdjoint`).
+    bm = dxe.BrownianInterval(0.0, 1.0, 0.01, (2,), jr.PRNGKey(1), dt=0.05)
+
+    def loss(y0, a, adjoint):
+        terms = dfx.MultiTerm(
+            dfx.ODETerm(lambda t, y, args: -a * y + jnp.sin(t)),
+            dfx.ControlTerm(lambda t, y, args: 0.3 * a * jnp.diag(jnp.cos(y)), bm),
+        )
+        sol = dfx.diffeqsolve(
+            terms, SOLVER, 0.0, 1.0, 0.05, y0, adjoint=adjoint, max_steps=40
+        )
+        return jnp.sum(sol.ys**2)
+
+    y0, a = jnp.array([1.0, 2.0]), jnp.array(0.7)
+    ref = jax.grad(loss, argnums=(0, 1))(y0, a, dfx.RecursiveCheckpointAdjoint())
+    rev = jax.grad(loss, argnums=(0, 1))(y0, a, dxe.ReversibleAdjoint())
+    assert max_relative_error(ref, rev) < EXACT

@@ -4,7 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax.tree_util as jtu
-from diffrax import SaveAt, SubSaveAt
+from diffrax import AbstractTerm, SaveAt, SubSaveAt
 
 from .._diffrax_internals import nondifferentiable, RealScalarLike
 
@@ -15,6 +15,31 @@ def is_subsaveat(x: Any) -> bool:
 
 def is_none(x: Any) -> bool:
     return x is None
+
+
+def _has_vector_field(x: Any) -> bool:
+    return isinstance(x, AbstractTerm) and callable(getattr(x, "vector_field", None))
+
+
+def closure_convert_terms(terms: Any, t0: Any, y0: Any, args: Any) -> Any:
+    """Makes every array that a term's `vector_field` closes over an explicit leaf of
+    `terms`.
+
+    The adjoints here are `custom_vjp`s with `terms` among their inputs, and JAX cannot
+    differentiate a `custom_vjp` with respect to values it only closes over: a vector
+    field written as `lambda t, y, args: model(y)`, with `model` being differentiated,
+    would raise a `CustomVJPException` (as it does with `diffrax.BacksolveAdjoint`).
+    Converting hoists those values into the term, so that such a gradient is taken as
+    with `diffrax.RecursiveCheckpointAdjoint`.
+    """
+
+    def convert(term):
+        if not _has_vector_field(term):
+            return term
+        fn = eqx.filter_closure_convert(term.vector_field, t0, y0, args)
+        return eqx.tree_at(lambda x: x.vector_field, term, fn)
+
+    return jtu.tree_map(convert, terms, is_leaf=_has_vector_field)
 
 
 def _get_subsaveat_ts(saveat: SaveAt) -> list:

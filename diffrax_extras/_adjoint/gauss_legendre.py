@@ -36,6 +36,7 @@ from .._misc import materialise_cotangent, tree_add, tree_lincomb, zeros_cotange
 from .common import (
     check_no_dense,
     check_no_event,
+    closure_convert_terms,
     is_subsaveat,
     nondifferentiable_times,
 )
@@ -205,8 +206,9 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             )
 
         t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
-        args, terms = _nondifferentiable_knots((args, terms))
         y = init_state.y
+        terms = closure_convert_terms(terms, t0, y, args)
+        args, terms = _nondifferentiable_knots((args, terms))
         init_state = eqx.tree_at(lambda s: s.y, init_state, object())
         init_state = nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state

@@ -21,6 +21,7 @@ from .._solver.reversible_heun import ReversibleHeun
 from .common import (
     check_no_dense,
     check_no_event,
+    closure_convert_terms,
     is_none,
     is_subsaveat,
     nondifferentiable_times,
@@ -142,6 +143,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             saveat,
             is_leaf=is_subsaveat,
         )
+        terms = closure_convert_terms(terms, t0, init_state.y, args)
         # Step sizes are not differentiated through (diffrax's own controllers
         # `stop_gradient` them too), so neither is the controller's state.
         init_state = eqx.tree_at(
