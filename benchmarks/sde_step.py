@@ -197,9 +197,7 @@ def markdown(rows, info, config, repeats) -> str:
         f"{config['state']}, {config['noise']} noise channels, MLP width "
         f"{config['width']}, N = {config['steps']} fixed steps, float32; median of "
         f"{repeats} interleaved repeats. Speed-ups are the baseline's time "
-        f"({BASELINE}) divided by the row's. The "
-        "losses of all rows agree: the Brownian paths differ in how they are "
-        "sampled, not in law, and the solvers agree to their order."
+        f"({BASELINE}) divided by the row's."
     )
     by_name = {r["configuration"]: r for r in rows}
     base = by_name[BASELINE]["ms_per_step"]

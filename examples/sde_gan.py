@@ -276,9 +276,10 @@ def make_step(variant: Variant, g_optim, d_optim, batch: int) -> Callable:
     return step
 
 
-def train(variant, config, data, key):
-    init_key, loop_key = jr.split(key)
-    g_key, d_key = jr.split(init_key)
+def setup(variant, config, key):
+    """The training step of `variant` and its initial (generator, discriminator,
+    generator optimiser state, discriminator optimiser state)."""
+    g_key, d_key = jr.split(key)
     generator = Generator(config, key=g_key)
     adjoint = (
         dfx.DirectAdjoint() if variant.gradient_penalty else dxe.ReversibleAdjoint()
@@ -291,7 +292,14 @@ def train(variant, config, data, key):
     g_state = g_optim.init(eqx.filter(generator, eqx.is_inexact_array))
     d_state = d_optim.init(eqx.filter(discriminator, eqx.is_inexact_array))
     step = make_step(variant, g_optim, d_optim, config.batch)
+    return step, (generator, discriminator, g_state, d_state)
 
+
+def train(variant, config, data, key):
+    init_key, loop_key = jr.split(key)
+    step, (generator, discriminator, g_state, d_state) = setup(
+        variant, config, init_key
+    )
     distances, times, compile_s = [], [], float("nan")
     compile_start = time.perf_counter()
     for i, step_key in enumerate(jr.split(loop_key, config.steps)):

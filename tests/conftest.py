@@ -42,20 +42,13 @@ def _release_compiled_programs():
 
 
 def pytest_collection_finish(session):
-    # Start the selected examples' processes now; see tests/test_examples.py.
-    names = [
-        item.name
-        for item in session.items
-        if getattr(item, "module", None) is not None
-        and item.module.__name__.endswith("test_examples")
-    ]
-    if names:
-        from . import test_examples
+    # Start the selected tests' scripts now; see tests/processes.py.
+    from . import processes
 
-        test_examples.start(names)
+    processes.start([item.name for item in session.items])
 
 
 def pytest_sessionfinish(session, exitstatus):
-    module = sys.modules.get(f"{__package__}.test_examples")
+    module = sys.modules.get(f"{__package__}.processes")
     if module is not None:
         module.stop()

@@ -1,0 +1,249 @@
+"""How exact each adjoint's gradient is, and how far float32 drifts from float64.
+
+A neural ODE (state 8, MLP width 32 with tanh, batch 16, t in [0, 10], loss the mean
+square of y(1)), fixed steps of 1/N. Two tables:
+
+- adjoints: at N = 100, the relative error (max over parameters of
+  max|g - g_ref| / max|g_ref|) of each adjoint's gradient against the exact gradient
+  of the same discretised solve (`RecursiveCheckpointAdjoint` with the same solver
+  in float64), in float64 and in float32; and against the ODE's own gradient
+  (Tsit5 + `RecursiveCheckpointAdjoint` at 10N steps, float64). The reversible
+  adjoint differentiates the discretisation exactly (to rounding), as
+  `RecursiveCheckpointAdjoint` does; `BacksolveAdjoint` and `GaussLegendreAdjoint`
+  (here with Heun, second order as `ReversibleHeun` is) differentiate the ODE, so
+  they differ from the discretisation's gradient by its error.
+- float32 drift: for each reversible solver and coupling/damping, at N = 100, 1,000
+  and 10,000, the error of the float32 `ReversibleAdjoint` gradient against the
+  exact float64 one, with float32 `RecursiveCheckpointAdjoint` alongside (rounding
+  in the forward and backward passes alone, no reconstruction). The reversible adjoint
+  rebuilds each state from the next, so rounding there is amplified by the inverse
+  step: by up to 1/coupling per step for `Reversible`, 1/(2 damping - 1) for
+  `AsynchronousLeapfrog`.
+
+Writes `benchmarks/results/gradient_error{_quick,_tiny}.{json,md}`.
+
+Run: `python benchmarks/gradient_error.py [--mode full|quick|tiny]`.
+"""
+
+import functools as ft
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from _common import (
+    describe,
+    log,
+    machine,
+    markdown_table,
+    parse_args,
+    relative_error,
+    save,
+)
+
+
+jax.config.update("jax_enable_x64", True)
+import diffrax_extras as dxe  # noqa: E402
+
+
+SOLVERS = {
+    "ReversibleHeun": lambda: dxe.ReversibleHeun(),
+    "Reversible(Tsit5)": lambda: dxe.Reversible(dfx.Tsit5()),
+    "Reversible(Tsit5, coupling=0.99)": lambda: dxe.Reversible(dfx.Tsit5(), 0.99),
+    "Reversible(Tsit5, coupling=0.9)": lambda: dxe.Reversible(dfx.Tsit5(), 0.9),
+    "AsynchronousLeapfrog": lambda: dxe.AsynchronousLeapfrog(),
+    "AsynchronousLeapfrog(damping=0.9)": lambda: dxe.AsynchronousLeapfrog(0.9),
+    "AsynchronousLeapfrog(damping=0.75)": lambda: dxe.AsynchronousLeapfrog(0.75),
+    "Tsit5": lambda: dfx.Tsit5(),
+    "Heun": lambda: dfx.Heun(),
+}
+ADJOINTS = {
+    "ReversibleAdjoint": lambda: dxe.ReversibleAdjoint(),
+    "RecursiveCheckpointAdjoint": lambda: dfx.RecursiveCheckpointAdjoint(),
+    "BacksolveAdjoint": lambda: dfx.BacksolveAdjoint(),
+    "GaussLegendreAdjoint": lambda: dxe.GaussLegendreAdjoint(),
+}
+# (solver, adjoint) pairs of the first table, each against RecursiveCheckpoint with
+# the same solver.
+PAIRS = [
+    ("ReversibleHeun", "ReversibleAdjoint"),
+    ("ReversibleHeun", "RecursiveCheckpointAdjoint"),
+    ("Reversible(Tsit5)", "ReversibleAdjoint"),
+    ("Reversible(Tsit5)", "RecursiveCheckpointAdjoint"),
+    ("AsynchronousLeapfrog", "ReversibleAdjoint"),
+    ("AsynchronousLeapfrog", "RecursiveCheckpointAdjoint"),
+    # Heun: second order, as ReversibleHeun; so the continuous adjoints' distance
+    # from the discrete gradient (the solver's error) is of the same size as the
+    # distance of either from the ODE's gradient.
+    ("Heun", "RecursiveCheckpointAdjoint"),
+    ("Heun", "BacksolveAdjoint"),
+    ("Heun", "GaussLegendreAdjoint"),
+]
+T1 = 10.0
+REVERSIBLE = [s for s in SOLVERS if s not in ("Tsit5", "Heun")]
+# The pairs the benchmark runner's headline reads.
+HEADLINE_PAIRS = [PAIRS[0], PAIRS[7], PAIRS[8]]
+SIZES = {
+    # mode: (N and pairs of the first table, N and solvers of the drift table)
+    "full": (100, PAIRS, [100, 1000, 10_000], REVERSIBLE),
+    "quick": (100, PAIRS, [100, 1000], REVERSIBLE),
+    "tiny": (10, HEADLINE_PAIRS, [10], ["ReversibleHeun"]),
+}
+
+
+def problem(dtype):
+    key_mlp, key_y = jr.split(jr.PRNGKey(0))
+    # The same weights in both precisions: drawn in float64, then cast.
+    mlp = eqx.nn.MLP(8, 8, 32, 2, activation=jnp.tanh, key=key_mlp)
+    mlp = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_array(x) else x, mlp)
+    params, static = eqx.partition(mlp, eqx.is_array)
+    return params, static, jr.normal(key_y, (16, 8)).astype(dtype)
+
+
+@ft.cache
+def gradient(solver, adjoint, dtype, max_steps):
+    """The compiled gradient of the loss for any N <= `max_steps` (N is an input, so
+    one compilation serves every N)."""
+    params, static, y0 = problem(dtype)
+
+    @jax.jit
+    def grad(params, num_steps):
+        def loss(p):
+            term = dfx.ODETerm(lambda t, y, m: jax.vmap(m)(y))
+            t1 = jnp.asarray(T1, dtype)
+            sol = dfx.diffeqsolve(
+                term,
+                SOLVERS[solver](),
+                jnp.asarray(0.0, dtype),
+                t1,
+                t1 / num_steps,
+                y0,
+                args=eqx.combine(p, static),
+                adjoint=ADJOINTS[adjoint](),
+                max_steps=max_steps,
+            )
+            return jnp.mean(sol.ys**2)
+
+        return jax.grad(loss)(params)
+
+    return lambda num_steps: grad(params, jnp.asarray(num_steps, dtype))
+
+
+def adjoint_errors(num_steps, pairs):
+    rows = []
+    ode = gradient("Tsit5", "RecursiveCheckpointAdjoint", jnp.float64, 10 * num_steps)
+    ode_grad = ode(10 * num_steps)
+    for solver, adjoint in pairs:
+        reference = gradient(solver, "RecursiveCheckpointAdjoint", jnp.float64, 10_000)
+        exact = reference(num_steps)
+        g64 = gradient(solver, adjoint, jnp.float64, 10_000)(num_steps)
+        g32 = gradient(solver, adjoint, jnp.float32, 10_000)(num_steps)
+        rows.append(
+            dict(
+                steps=num_steps,
+                solver=solver,
+                adjoint=adjoint,
+                float64_vs_discrete=relative_error(exact, g64),
+                float32_vs_discrete=relative_error(exact, g32),
+                float64_vs_ode=relative_error(ode_grad, g64),
+            )
+        )
+        log(**rows[-1])
+    return rows
+
+
+def drift(grid, solvers):
+    rows = []
+    for solver in solvers:
+        for num_steps in grid:
+            exact = gradient(solver, "RecursiveCheckpointAdjoint", jnp.float64, 10_000)
+            g64 = exact(num_steps)
+            for adjoint in ("ReversibleAdjoint", "RecursiveCheckpointAdjoint"):
+                g32 = gradient(solver, adjoint, jnp.float32, 10_000)(num_steps)
+                rows.append(
+                    dict(
+                        steps=num_steps,
+                        solver=solver,
+                        adjoint=adjoint,
+                        relative_error=relative_error(g64, g32),
+                    )
+                )
+                log(**rows[-1])
+    return rows
+
+
+def markdown(adjoint_rows, drift_rows, info) -> str:
+    first = (
+        f"{describe(info)} Neural ODE: state 8, MLP width 32 (tanh), batch 16, t in "
+        f"[0, {T1:g}], fixed steps. Relative gradient errors (max over parameters of "
+        "max|g - g_ref| / max|g_ref|). `discrete`: against "
+        "`RecursiveCheckpointAdjoint` with the same solver and steps in float64, the "
+        "exact gradient of the discretised solve; `ODE`: against Tsit5 at ten times "
+        "the steps, the gradient of the ODE itself."
+    )
+    table = [
+        [
+            r["steps"],
+            r["solver"],
+            r["adjoint"],
+            f"{r['float64_vs_discrete']:.1e}",
+            f"{r['float32_vs_discrete']:.1e}",
+            f"{r['float64_vs_ode']:.1e}",
+        ]
+        for r in adjoint_rows
+    ]
+    header = [
+        "N:",
+        "solver",
+        "adjoint",
+        "float64 vs discrete:",
+        "float32 vs discrete:",
+        "float64 vs ODE:",
+    ]
+    second = (
+        "Float32 drift: relative error of the float32 gradient against the exact "
+        "gradient of the same discretised solve (`RecursiveCheckpointAdjoint`, "
+        "float64)."
+    )
+    by_key: dict = {}
+    for r in drift_rows:
+        by_key.setdefault((r["solver"], r["steps"]), {})[r["adjoint"]] = r
+    drift_table = [
+        [
+            solver,
+            steps,
+            f"{by_adjoint['ReversibleAdjoint']['relative_error']:.1e}",
+            f"{by_adjoint['RecursiveCheckpointAdjoint']['relative_error']:.1e}",
+        ]
+        for (solver, steps), by_adjoint in by_key.items()
+    ]
+    drift_header = [
+        "solver",
+        "N:",
+        "ReversibleAdjoint float32:",
+        "RecursiveCheckpointAdjoint float32:",
+    ]
+    return (
+        first
+        + "\n\n"
+        + markdown_table(header, table)
+        + "\n"
+        + second
+        + "\n\n"
+        + markdown_table(drift_header, drift_table)
+    )
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0], repeats=1)
+    num_steps, pairs, grid, solvers = SIZES[args.mode]
+    info = machine()
+    adjoint_rows = adjoint_errors(num_steps, pairs)
+    drift_rows = drift(grid, solvers)
+    payload = dict(machine=info, adjoints=adjoint_rows, drift=drift_rows)
+    save("gradient_error", args, payload, markdown(adjoint_rows, drift_rows, info))
+
+
+if __name__ == "__main__":
+    main()
