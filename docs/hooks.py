@@ -1,4 +1,4 @@
-"""mkdocs hooks: publish the benchmark tables with the site, and point the guides'
+"""mkdocs hooks: publish the benchmark report, tables and charts with the site, and point the guides'
 repository-relative links at them.
 
 The guides link to `../benchmarks/results/*.md` so that they also work when read on
@@ -13,7 +13,11 @@ from mkdocs.structure.files import File, Files
 
 
 ROOT = pathlib.Path(__file__).parent.parent
-PUBLISHED = ("benchmarks/results/*.md",)
+PUBLISHED = (
+    "benchmarks/results*.md",
+    "benchmarks/results/*.md",
+    "benchmarks/results/charts/*.png",
+)
 
 
 def on_files(files: Files, config) -> Files:

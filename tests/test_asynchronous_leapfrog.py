@@ -1,7 +1,5 @@
 import diffrax as dfx
-import jax
 import jax.numpy as jnp
-import jax.random as jr
 import pytest
 
 import diffrax_extras as dxe
@@ -82,36 +80,3 @@ def test_adaptive_stepping_reaches_tolerance():
     )
     assert jnp.abs(sol.ys[-1, 0] - jnp.exp(-jnp.sin(3.0))) < 1e-4
     assert sol.stats["num_rejected_steps"] < sol.stats["num_accepted_steps"]
-
-
-@pytest.mark.parametrize("damping", [0.5, 0.2, 1.2])
-def test_refuses_damping_outside_range(damping):
-    with pytest.raises(ValueError, match=r"`damping` must lie in \(0.5, 1.0\]"):
-        dxe.AsynchronousLeapfrog(damping)
-
-
-def test_traced_damping_is_checked_at_run_time():
-    @jax.jit
-    def solve(damping):
-        return dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, a: -y),
-            dxe.AsynchronousLeapfrog(damping),
-            0.0,
-            1.0,
-            0.1,
-            jnp.array([1.0]),
-        ).ys
-
-    assert jnp.all(jnp.isfinite(solve(jnp.array(0.9))))
-    with pytest.raises(Exception, match="`damping` must lie"):
-        solve(jnp.array(0.5))
-
-
-@pytest.mark.filterwarnings("ignore:.*not marked as converging")
-def test_refuses_sdes():
-    bm = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (1,), key=jr.PRNGKey(0))
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, a: -y), dfx.ControlTerm(lambda t, y, a: y, bm)
-    )
-    with pytest.raises(ValueError, match="not SDEs.*ReversibleHeun"):
-        dfx.diffeqsolve(terms, SOLVER, 0.0, 1.0, 0.1, jnp.array([1.0]))

@@ -15,11 +15,6 @@ def test_lipswish_is_silu_scaled_and_keeps_dtype():
         assert dxe.lipswish(jnp.ones(3, dtype)).dtype == dtype
 
 
-def test_lipswish_refuses_integers():
-    with pytest.raises(TypeError, match="needs a floating array `x`.*astype"):
-        dxe.lipswish(jnp.arange(3))
-
-
 def test_lipswish_lipschitz_constant_is_at_most_one():
     # The slope peaks near x = 2.4; a fine grid over a wide range finds the maximum
     # and random pairs check the difference quotient directly.
@@ -94,12 +89,3 @@ def test_clip_weights_on_vmapped_layers():
     assert clipped.weight.shape == (5, 4, 3)
     assert float(jnp.max(jnp.abs(clipped.weight))) <= 0.25
     np.testing.assert_array_equal(clipped.bias, layers.bias)
-
-
-def test_clip_weights_refuses_a_filtered_model():
-    params, _ = eqx.partition(eqx.nn.Linear(2, 2, key=jr.key(3)), eqx.is_array)
-    params = eqx.tree_at(
-        lambda lin: lin.weight, params, None, is_leaf=lambda x: x is None
-    )
-    with pytest.raises(TypeError, match="Call it on the model itself"):
-        dxe.clip_weights(params)

@@ -1,7 +1,5 @@
 import diffrax as dfx
-import jax
 import jax.numpy as jnp
-import jax.random as jr
 import pytest
 
 import diffrax_extras as dxe
@@ -171,68 +169,3 @@ def test_adaptive_steps_follow_base_error_estimate():
     ) <= 0.2 * int(base.stats["num_steps"])
     assert jnp.max(jnp.abs(wrapped.ys[:, 0] - exact)) < 1e-7
     assert jnp.max(jnp.abs(base.ys[:, 0] - exact)) < 1e-7
-
-
-#
-# Refused inputs
-#
-
-
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda: dxe.Reversible(dfx.Kvaerno5()), r"Kvaerno5.*implicit"),
-        (lambda: dxe.Reversible(dfx.LeapfrogMidpoint()), r"LeapfrogMidpoint.*carries"),
-        (
-            lambda: dxe.Reversible(dfx.SemiImplicitEuler()),
-            r"SemiImplicitEuler.*carries",
-        ),
-        (lambda: dxe.Reversible(dfx.ReversibleHeun()), r"ReversibleHeun.*carries"),
-        (lambda: dxe.Reversible(dxe.ReversibleHeun()), "already reversible"),
-        (lambda: dxe.Reversible(dxe.Reversible(dfx.Heun())), "already reversible"),
-        (lambda: dxe.Reversible(dfx.Heun(), coupling=0.0), r"`coupling` must lie"),
-        (lambda: dxe.Reversible(dfx.Heun(), coupling=1.5), r"`coupling` must lie"),
-    ],
-)
-def test_refused_solvers(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
-
-
-def _sde_solve(solver, bm):
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, a: -y), dfx.ControlTerm(lambda t, y, a: y, bm)
-    )
-    return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, jnp.array([1.0]))
-
-
-@pytest.mark.parametrize(
-    "base, match", [(dfx.Euler(), "Euler.*Stratonovich"), (dfx.Tsit5(), "Tsit5")]
-)
-def test_refuses_non_stratonovich_base_for_sdes(base, match):
-    bm = dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (1,), key=jr.PRNGKey(0))
-    with pytest.raises(ValueError, match=match):
-        _sde_solve(dxe.Reversible(base), bm)
-
-
-def test_refuses_unsafe_brownian_path():
-    bm = dfx.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
-    with pytest.raises(ValueError, match="UnsafeBrownianPath"):
-        _sde_solve(dxe.Reversible(dfx.Heun()), bm)
-
-
-def test_traced_coupling_is_checked_at_run_time():
-    @jax.jit
-    def solve(coupling):
-        return dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, a: -y),
-            dxe.Reversible(dfx.Heun(), coupling=coupling),
-            0.0,
-            1.0,
-            0.1,
-            jnp.array([1.0]),
-        ).ys
-
-    assert jnp.all(jnp.isfinite(solve(jnp.array(0.9))))
-    with pytest.raises(Exception, match="`coupling` must lie"):
-        solve(jnp.array(1.5))

@@ -3,8 +3,9 @@
 from typing import Any
 
 import equinox as eqx
+import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax import AbstractTerm, SaveAt, SubSaveAt
+from diffrax import AbstractTerm, RESULTS, SaveAt, SubSaveAt
 
 from .._diffrax_internals import nondifferentiable, RealScalarLike
 
@@ -17,8 +18,15 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
-def _has_vector_field(x: Any) -> bool:
-    return isinstance(x, AbstractTerm) and callable(getattr(x, "vector_field", None))
+def _has_function_vector_field(x: Any) -> bool:
+    # A vector field that is an `equinox.Module` (a model, `ControlTerm.to_ode()`'s
+    # wrapper) already holds its arrays as leaves of `terms`, where the adjoints can
+    # see them (the quadrature adjoint looks for interpolations to split at their
+    # knots); only plain functions can hide closed-over arrays.
+    if not isinstance(x, AbstractTerm):
+        return False
+    vector_field = getattr(x, "vector_field", None)
+    return callable(vector_field) and not isinstance(vector_field, eqx.Module)
 
 
 def closure_convert_terms(terms: Any, t0: Any, y0: Any, args: Any) -> Any:
@@ -34,12 +42,26 @@ def closure_convert_terms(terms: Any, t0: Any, y0: Any, args: Any) -> Any:
     """
 
     def convert(term):
-        if not _has_vector_field(term):
+        if not _has_function_vector_field(term):
             return term
         fn = eqx.filter_closure_convert(term.vector_field, t0, y0, args)
         return eqx.tree_at(lambda x: x.vector_field, term, fn)
 
-    return jtu.tree_map(convert, terms, is_leaf=_has_vector_field)
+    return jtu.tree_map(convert, terms, is_leaf=_has_function_vector_field)
+
+
+def nan_if_failed(result: RESULTS, cotangents: Any) -> Any:
+    """NaN cotangents for a solve that did not succeed (`diffeqsolve(..., throw=False)`
+    that stopped early or diverged): what the backward pass computed would be the
+    gradient of part of a solve, finite and silently wrong."""
+    failed = result != RESULTS.successful
+
+    def fill(x):
+        if eqx.is_inexact_array(x):
+            return jnp.where(failed, jnp.nan, x)
+        return x
+
+    return jtu.tree_map(fill, cotangents)
 
 
 def _get_subsaveat_ts(saveat: SaveAt) -> list:

@@ -38,6 +38,7 @@ from .common import (
     check_no_event,
     closure_convert_terms,
     is_subsaveat,
+    nan_if_failed,
     nondifferentiable_times,
 )
 
@@ -325,7 +326,11 @@ def _loop_quadrature_fwd(perturbed, y__args__terms, **kwargs):
     del perturbed
     final_state, aux_stats = _loop_quadrature(y__args__terms, **kwargs)
     # `loop` checked that `save_state` is a single `SaveState`.
-    residuals = (final_state.save_state.ts, final_state.save_state.ys)
+    residuals = (
+        final_state.save_state.ts,
+        final_state.save_state.ys,
+        final_state.result,
+    )
     return (final_state, aux_stats), residuals
 
 
@@ -350,7 +355,7 @@ def _loop_quadrature_bwd(
     progress_meter,
 ):
     del perturbed, event, saveat, t1, init_state, progress_meter
-    save_ts, save_ys = residuals
+    save_ts, save_ys, result = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     grad_ys = materialise_cotangent(save_ys, grad_final_state.save_state.ys)
     y0, args, terms = y__args__terms
@@ -436,4 +441,4 @@ def _loop_quadrature_bwd(
     (_, a, ct_args, ct_terms), _ = lax.scan(
         _interval, carry, (times[:-1], times[1:], *rest), reverse=True
     )
-    return tree_add(a, first), ct_args, ct_terms
+    return nan_if_failed(result, (tree_add(a, first), ct_args, ct_terms))

@@ -24,6 +24,7 @@ from .common import (
     closure_convert_terms,
     is_none,
     is_subsaveat,
+    nan_if_failed,
     nondifferentiable_times,
 )
 
@@ -224,7 +225,13 @@ def _loop_reversible_fwd(
     final_state, aux_stats, record = _forward(
         y0__state0__args__terms, self, init_state, kwargs
     )
-    residuals = (final_state.y, final_state.solver_state, final_state.tprev, record)
+    residuals = (
+        final_state.y,
+        final_state.solver_state,
+        final_state.tprev,
+        final_state.result,
+        record,
+    )
     return (final_state, aux_stats), residuals
 
 
@@ -247,7 +254,7 @@ def _loop_reversible_bwd(
     progress_meter,
 ):
     del perturbed, self, stepsize_controller, t1, dt0, init_state, progress_meter
-    y_final, solver_state_final, tfinal, record = residuals
+    y_final, solver_state_final, tfinal, result, record = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     y0, _, args, terms = y0__state0__args__terms
     num_steps = record.num_steps
@@ -314,7 +321,7 @@ def _loop_reversible_bwd(
     )
     for save in saves:
         ct_y0, ct_args = save.pull_back_t0(ct_y0, ct_args, t0, y0, args)
-    return ct_y0, ct_state0, ct_args, ct_terms
+    return nan_if_failed(result, (ct_y0, ct_state0, ct_args, ct_terms))
 
 
 def _fn_vjp(fn, t, y, args, ct):

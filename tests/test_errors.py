@@ -1,0 +1,477 @@
+"""Every bad input to every public object, in one table: each must raise early, with
+a message that names the argument and says what to do instead.
+
+Trace-time checks raise the listed exception type; checks of traced values run inside
+the compiled program (`equinox.error_if`) and raise whatever JAX raises for a failed
+runtime check, so those rows expect `Exception` and are matched by message.
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import diffrax_extras as dxe
+
+from .helpers import make_problem
+
+
+def _decay(t, y, args):
+    return -y
+
+
+def _ode(solver=None, adjoint=None, terms=None, saveat=None, **kwargs):
+    return dfx.diffeqsolve(
+        dfx.ODETerm(_decay) if terms is None else terms,
+        dxe.ReversibleHeun() if solver is None else solver,
+        0.0,
+        1.0,
+        0.1,
+        jnp.array([1.0]),
+        adjoint=dfx.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
+        saveat=dfx.SaveAt(t1=True) if saveat is None else saveat,
+        **kwargs,
+    )
+
+
+def _sde(solver, bm, adjoint=None):
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(_decay), dfx.ControlTerm(lambda t, y, args: y, bm)
+    )
+    return _ode(solver=solver, adjoint=adjoint, terms=terms)
+
+
+def _tree():
+    return dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (1,), key=jr.PRNGKey(0))
+
+
+def _unsafe():
+    return dfx.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
+
+
+def _interval(**kwargs):
+    full = dict(t0=0.0, t1=1.0, tol=2**-8, shape=(2,), key=jr.PRNGKey(0), dt=0.1)
+    return dxe.BrownianInterval(**(full | kwargs))
+
+
+def _jit_solve(make_solver, value):
+    """A solve whose solver gets a traced `value`: checked at run time."""
+
+    @jax.jit
+    def solve(v):
+        return _ode(solver=make_solver(v)).ys
+
+    return solve(jnp.asarray(value))
+
+
+def _time_gradient(name):
+    def loss(t):
+        t0, t1, ts = 0.0, 1.0, jnp.array([0.5])
+        if name == "t0":
+            t0 = t
+        elif name == "t1":
+            t1 = t
+        else:
+            ts = ts * t
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_decay),
+            dxe.ReversibleHeun(),
+            t0,
+            t1,
+            0.1,
+            jnp.array([1.0]),
+            saveat=dfx.SaveAt(ts=ts),
+            adjoint=dxe.ReversibleAdjoint(),
+        )
+        return jnp.sum(sol.ys)
+
+    jax.grad(loss)(jnp.asarray({"t0": 0.0, "t1": 1.0, "saveat.ts": 1.0}[name]))
+
+
+class _Field(eqx.Module):
+    weight: jax.Array
+
+    def __call__(self, t, y, args):
+        return jnp.tanh(self.weight @ y)[:, None] * jnp.ones((1, 2)) * args
+
+
+def _interpolation_gradient(argnum):
+    def loss(knots, t1):
+        control = dfx.LinearInterpolation(knots, jnp.stack([knots, knots**2], -1))
+        sol = dfx.diffeqsolve(
+            dfx.ControlTerm(_Field(jnp.ones((2, 2))), control),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            0.1,
+            jnp.ones(2),
+            args=jnp.array(1.0),
+            adjoint=dxe.GaussLegendreAdjoint(),
+        )
+        return jnp.sum(sol.ys)
+
+    jax.grad(loss, argnums=argnum)(jnp.linspace(0.0, 1.0, 4), 1.0)
+
+
+def _sde_terms():
+    params, build = make_problem("sde")
+    return build(params)[0]
+
+
+def _kl(n_modes=4, shape=(3,), t0=0.0, t1=1.0):
+    return dxe.KarhunenLoevePath(t0, t1, shape, jr.key(0), n_modes)
+
+
+_EVENT = dfx.Event(lambda t, y, args, **kwargs: t > 0.5)
+_GL = dxe.GaussLegendreAdjoint()
+_RA = dxe.ReversibleAdjoint()
+
+
+def _filtered_linear():
+    params, _ = eqx.partition(eqx.nn.Linear(2, 2, key=jr.key(3)), eqx.is_array)
+    return eqx.tree_at(
+        lambda lin: lin.weight, params, None, is_leaf=lambda x: x is None
+    )
+
+
+# (object, bad input) -> (thunk, exception type, message pattern)
+CASES = {
+    # ReversibleHeun, AsynchronousLeapfrog, Reversible
+    "AsynchronousLeapfrog damping=0.5": (
+        lambda: dxe.AsynchronousLeapfrog(0.5),
+        ValueError,
+        r"`damping` must lie in \(0.5, 1.0\]",
+    ),
+    "AsynchronousLeapfrog damping=0.2": (
+        lambda: dxe.AsynchronousLeapfrog(0.2),
+        ValueError,
+        r"`damping` must lie in \(0.5, 1.0\]",
+    ),
+    "AsynchronousLeapfrog damping=1.2": (
+        lambda: dxe.AsynchronousLeapfrog(1.2),
+        ValueError,
+        r"`damping` must lie in \(0.5, 1.0\]",
+    ),
+    "AsynchronousLeapfrog traced damping=0.5": (
+        lambda: _jit_solve(dxe.AsynchronousLeapfrog, 0.5),
+        Exception,
+        "`damping` must lie",
+    ),
+    "AsynchronousLeapfrog on an SDE": (
+        lambda: _sde(dxe.AsynchronousLeapfrog(), _tree()),
+        ValueError,
+        "not SDEs.*ReversibleHeun",
+    ),
+    "Reversible(LeapfrogMidpoint)": (
+        lambda: dxe.Reversible(dfx.LeapfrogMidpoint()),
+        ValueError,
+        "LeapfrogMidpoint.*carries",
+    ),
+    "Reversible(SemiImplicitEuler)": (
+        lambda: dxe.Reversible(dfx.SemiImplicitEuler()),
+        ValueError,
+        "SemiImplicitEuler.*carries",
+    ),
+    "Reversible(diffrax.ReversibleHeun)": (
+        lambda: dxe.Reversible(dfx.ReversibleHeun()),
+        ValueError,
+        "ReversibleHeun.*carries",
+    ),
+    "Reversible(ReversibleHeun)": (
+        lambda: dxe.Reversible(dxe.ReversibleHeun()),
+        ValueError,
+        "already reversible",
+    ),
+    "Reversible(Reversible(...))": (
+        lambda: dxe.Reversible(dxe.Reversible(dfx.Heun())),
+        ValueError,
+        "already reversible",
+    ),
+    "Reversible coupling=0": (
+        lambda: dxe.Reversible(dfx.Heun(), coupling=0.0),
+        ValueError,
+        "`coupling` must lie",
+    ),
+    "Reversible coupling=1.5": (
+        lambda: dxe.Reversible(dfx.Heun(), coupling=1.5),
+        ValueError,
+        "`coupling` must lie",
+    ),
+    "Reversible traced coupling=1.5": (
+        lambda: _jit_solve(lambda c: dxe.Reversible(dfx.Heun(), coupling=c), 1.5),
+        Exception,
+        "`coupling` must lie",
+    ),
+    "Reversible(Euler) on an SDE (Itô)": (
+        lambda: _sde(dxe.Reversible(dfx.Euler()), _tree()),
+        ValueError,
+        "Euler.*Stratonovich",
+    ),
+    "Reversible(Tsit5) on an SDE": (
+        lambda: _sde(dxe.Reversible(dfx.Tsit5()), _tree()),
+        ValueError,
+        "Tsit5",
+    ),
+    "Reversible with UnsafeBrownianPath": (
+        lambda: _sde(dxe.Reversible(dfx.Heun()), _unsafe()),
+        ValueError,
+        "UnsafeBrownianPath",
+    ),
+    # ReversibleAdjoint
+    "ReversibleAdjoint with a non-reversible solver": (
+        lambda: _ode(solver=dfx.Tsit5(), adjoint=_RA),
+        ValueError,
+        r"reversible solver.*Tsit5.*Reversible\(",
+    ),
+    "ReversibleAdjoint with an event": (
+        lambda: _ode(adjoint=_RA, event=_EVENT),
+        NotImplementedError,
+        "does not support events",
+    ),
+    "ReversibleAdjoint with SaveAt(dense=True)": (
+        lambda: _ode(adjoint=_RA, saveat=dfx.SaveAt(dense=True)),
+        NotImplementedError,
+        r"SaveAt\(dense=True\)",
+    ),
+    "ReversibleAdjoint with max_steps=None": (
+        lambda: _ode(adjoint=_RA, max_steps=None),
+        ValueError,
+        "max_steps",
+    ),
+    "ReversibleAdjoint with UnsafeBrownianPath": (
+        lambda: _sde(dxe.ReversibleHeun(), _unsafe(), adjoint=_RA),
+        ValueError,
+        "UnsafeBrownianPath.*BrownianInterval",
+    ),
+    "ReversibleAdjoint gradient w.r.t. t0": (
+        lambda: _time_gradient("t0"),
+        RuntimeError,
+        "differentiate with respect to `t0`",
+    ),
+    "ReversibleAdjoint gradient w.r.t. t1": (
+        lambda: _time_gradient("t1"),
+        RuntimeError,
+        "differentiate with respect to `t1`",
+    ),
+    "ReversibleAdjoint gradient w.r.t. saveat.ts": (
+        lambda: _time_gradient("saveat.ts"),
+        RuntimeError,
+        "differentiate with respect to `saveat.ts`",
+    ),
+    # GaussLegendreAdjoint
+    "GaussLegendreAdjoint n_nodes=0": (
+        lambda: dxe.GaussLegendreAdjoint(0),
+        ValueError,
+        "n_nodes",
+    ),
+    "GaussLegendreAdjoint n_nodes=2.0": (
+        lambda: dxe.GaussLegendreAdjoint(2.0),  # pyright: ignore[reportArgumentType]
+        TypeError,
+        "n_nodes",
+    ),
+    "GaussLegendreAdjoint adjoint=...": (
+        lambda: dxe.GaussLegendreAdjoint(adjoint=dfx.RecursiveCheckpointAdjoint()),
+        ValueError,
+        "adjoint",
+    ),
+    "GaussLegendreAdjoint with SaveAt(steps=True)": (
+        lambda: _ode(solver=dfx.Tsit5(), adjoint=_GL, saveat=dfx.SaveAt(steps=True)),
+        NotImplementedError,
+        "steps=True",
+    ),
+    "GaussLegendreAdjoint with SaveAt(dense=True)": (
+        lambda: _ode(
+            solver=dfx.Tsit5(), adjoint=_GL, saveat=dfx.SaveAt(t1=True, dense=True)
+        ),
+        NotImplementedError,
+        "dense",
+    ),
+    "GaussLegendreAdjoint with SaveAt(fn=...)": (
+        lambda: _ode(
+            solver=dfx.Tsit5(),
+            adjoint=_GL,
+            saveat=dfx.SaveAt(t1=True, fn=lambda t, y, args: y**2),
+        ),
+        NotImplementedError,
+        "fn=",
+    ),
+    "GaussLegendreAdjoint with SaveAt(subs=[...])": (
+        lambda: _ode(
+            solver=dfx.Tsit5(),
+            adjoint=_GL,
+            saveat=dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True)] * 2),
+        ),
+        NotImplementedError,
+        "subs",
+    ),
+    "GaussLegendreAdjoint with an event": (
+        lambda: _ode(solver=dfx.Tsit5(), adjoint=_GL, event=_EVENT),
+        NotImplementedError,
+        "events",
+    ),
+    "GaussLegendreAdjoint with a Brownian control": (
+        lambda: _sde(dfx.Heun(), _tree(), adjoint=_GL),
+        NotImplementedError,
+        "Brownian.*Wong",
+    ),
+    "GaussLegendreAdjoint with UnsafeBrownianPath": (
+        lambda: _sde(dfx.Heun(), _unsafe(), adjoint=_GL),
+        NotImplementedError,
+        "Brownian.*Wong",
+    ),
+    "GaussLegendreAdjoint, backward solve it cannot do": (
+        lambda: _ode(
+            solver=dfx.KenCarp3(),
+            adjoint=_GL,
+            terms=dfx.MultiTerm(dfx.ODETerm(_decay), dfx.ODETerm(_decay)),
+            stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
+        ),
+        NotImplementedError,
+        r"GaussLegendreAdjoint\(solver=",
+    ),
+    "GaussLegendreAdjoint gradient w.r.t. interpolation knots": (
+        lambda: _interpolation_gradient(0),
+        Exception,
+        "knot times",
+    ),
+    "GaussLegendreAdjoint gradient w.r.t. t1": (
+        lambda: _interpolation_gradient(1),
+        Exception,
+        "`t1`",
+    ),
+    # BrownianInterval
+    "BrownianInterval t1 < t0": (
+        lambda: _interval(t0=1.0, t1=0.0),
+        ValueError,
+        "`t1` must lie in",
+    ),
+    "BrownianInterval tol=0": (lambda: _interval(tol=0.0), ValueError, "`tol` must"),
+    "BrownianInterval tol<0": (lambda: _interval(tol=-1e-3), ValueError, "`tol` must"),
+    "BrownianInterval tol too fine for dt": (
+        lambda: _interval(tol=1e-14, dt=0.5),
+        ValueError,
+        "deeper than 32 levels",
+    ),
+    "BrownianInterval dt=0": (lambda: _interval(dt=0.0), ValueError, "`dt` must lie"),
+    "BrownianInterval dt > t1 - t0": (
+        lambda: _interval(dt=1.5),
+        ValueError,
+        "`dt` must lie in",
+    ),
+    "BrownianInterval traced dt<0": (
+        lambda: jax.jit(lambda dt: _interval(dt=dt).evaluate(0.1, 0.2))(-0.1),
+        Exception,
+        "`dt` must lie in",
+    ),
+    "BrownianInterval integer dtype": (
+        lambda: _interval(shape=jax.ShapeDtypeStruct((2,), jnp.int32)),
+        ValueError,
+        "floating-point",
+    ),
+    "BrownianInterval shape as a list": (
+        lambda: _interval(shape=[3]),
+        ValueError,
+        "ShapeDtypeStruct",
+    ),
+    "BrownianInterval abstract levy_area": (
+        lambda: _interval(levy_area=dfx.AbstractBrownianIncrement),
+        ValueError,
+        "`levy_area` must be",
+    ),
+    "BrownianInterval query past t1": (
+        lambda: _interval().evaluate(0.5, 1.5),
+        Exception,
+        "queried outside its interval",
+    ),
+    "BrownianInterval query before t0": (
+        lambda: _interval().evaluate(-0.1),
+        Exception,
+        "queried outside its interval",
+    ),
+    "BrownianInterval Lévy area not configured": (
+        lambda: dfx.diffeqsolve(
+            dfx.MultiTerm(
+                dfx.ODETerm(_decay),
+                dfx.ControlTerm(lambda t, y, args: jnp.eye(2), _interval()),
+            ),
+            dfx.ShARK(),
+            0.0,
+            1.0,
+            0.1,
+            jnp.ones(2),
+        ),
+        Exception,
+        "SpaceTimeLevyArea",
+    ),
+    "BrownianInterval gradient w.r.t. time": (
+        lambda: jax.grad(lambda t: _interval().evaluate(jnp.array(0.1), t).sum())(
+            jnp.array(0.5)
+        ),
+        Exception,
+        "t1",
+    ),
+    # Wong–Zakai
+    "KarhunenLoevePath n_modes=0": (lambda: _kl(0), ValueError, "n_modes"),
+    "KarhunenLoevePath n_modes=2.5": (lambda: _kl(2.5), TypeError, "n_modes"),
+    "KarhunenLoevePath t1 = t0": (lambda: _kl(t0=1.0), ValueError, "`t1`"),
+    "KarhunenLoevePath integer dtype": (
+        lambda: _kl(shape=jax.ShapeDtypeStruct((2,), jnp.int32)),
+        ValueError,
+        "floating",
+    ),
+    "KarhunenLoevePath.from_brownian of a smooth path": (
+        lambda: dxe.KarhunenLoevePath.from_brownian(_kl(), 4, 16),
+        ValueError,
+        "Brownian path",
+    ),
+    "WongZakai without a Brownian control": (
+        lambda: dxe.WongZakai(dfx.ODETerm(_decay)),
+        ValueError,
+        "Brownian control",
+    ),
+    "WongZakai.ode_terms with a Brownian path": (
+        lambda: dxe.WongZakai(_sde_terms()).ode_terms(
+            dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (3,), jr.key(0))
+        ),
+        ValueError,
+        "differentiable",
+    ),
+    "WongZakai.ode_terms with the wrong shape": (
+        lambda: dxe.WongZakai(_sde_terms()).ode_terms(_kl(shape=(4,))),
+        ValueError,
+        "shape",
+    ),
+    "WongZakai.sde_terms with a smooth path": (
+        lambda: dxe.WongZakai(_sde_terms()).sde_terms(_kl(), dfx.Heun()),
+        ValueError,
+        "Brownian path",
+    ),
+    "WongZakai.sde_terms with an Itô solver": (
+        lambda: dxe.WongZakai(_sde_terms()).sde_terms(
+            dfx.VirtualBrownianTree(0.0, 1.0, 1e-3, (3,), jr.key(0)), dfx.Euler()
+        ),
+        ValueError,
+        "Itô.*Stratonovich",
+    ),
+    # SDE-GAN recipe
+    "lipswish on integers": (
+        lambda: dxe.lipswish(jnp.arange(3)),
+        TypeError,
+        "needs a floating array `x`.*astype",
+    ),
+    "clip_weights on a filtered model": (
+        lambda: dxe.clip_weights(_filtered_linear()),
+        TypeError,
+        "Call it on the model itself",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*not marked as converging")
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_raises_a_clear_error(name):
+    make, error, match = CASES[name]
+    with pytest.raises(error, match=match):
+        make()

@@ -1,0 +1,124 @@
+"""Failing solves and determinism, under each adjoint of this package.
+
+- A solve that diverges raises diffrax's error with `throw=True`; with `throw=False`
+  its result says so and the gradient is NaN (the backward pass would otherwise
+  differentiate the part of the solve that ran, and return a finite, wrong number).
+- The same key and inputs give bitwise the same values and gradients on every run,
+  under `jit` and `vmap`.
+"""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffrax_extras as dxe
+
+
+ADJOINTS = {
+    "ReversibleAdjoint": (dxe.ReversibleHeun(), dxe.ReversibleAdjoint()),
+    "GaussLegendreAdjoint": (dfx.Tsit5(), dxe.GaussLegendreAdjoint()),
+}
+
+
+def _blow_up(solver, adjoint, throw):
+    """y' = a y^2, y(0) = 1 blows up at t = 1/a; solving to t = 2 cannot succeed: the
+    controller shrinks the step until `max_steps` is reached."""
+
+    def solve(a):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: a * y**2),
+            solver,
+            0.0,
+            2.0,
+            0.1,
+            jnp.array([1.0]),
+            args=a,
+            saveat=dfx.SaveAt(ts=jnp.array([0.1, 2.0])),
+            stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-6),
+            adjoint=adjoint,
+            max_steps=64,
+            throw=throw,
+        )
+
+    return solve
+
+
+@pytest.mark.parametrize("name", list(ADJOINTS))
+def test_diverging_solve_raises_or_gives_nan_gradient(name):
+    solver, adjoint = ADJOINTS[name]
+    a = jnp.array(1.0)
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(jax.jit(_blow_up(solver, adjoint, True))(a).ys)
+
+    solve = _blow_up(solver, adjoint, False)
+
+    @jax.jit
+    def value_and_grad(a):
+        def loss(a):
+            sol = solve(a)
+            # The saved value before the blow-up is finite; the gradient must still
+            # be NaN, as the solve as a whole failed.
+            return sol.ys[0, 0], sol.result == dfx.RESULTS.successful
+
+        (value, ok), grad = jax.value_and_grad(loss, has_aux=True)(a)
+        return value, ok, grad
+
+    value, ok, grad = value_and_grad(a)
+    assert not bool(ok)
+    assert np.isfinite(value)
+    assert np.isnan(grad)
+
+
+def _neural_sde_loss(key, params, static):
+    """A neural SDE with the whole stack: ReversibleHeun, BrownianInterval,
+    ReversibleAdjoint."""
+    model = eqx.combine(params, static)
+    bm = dxe.BrownianInterval(0.0, 1.0, 2**-6, (2,), key, dt=0.05)
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: model(y)),
+        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(jnp.tanh(y)), bm),
+    )
+    sol = dfx.diffeqsolve(
+        terms,
+        dxe.ReversibleHeun(),
+        0.0,
+        1.0,
+        0.05,
+        jnp.array([0.5, -0.3]),
+        saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 5)),
+        adjoint=dxe.ReversibleAdjoint(),
+        max_steps=20,
+    )
+    return jnp.mean(sol.ys**2)
+
+
+def test_bitwise_deterministic_values_and_gradients():
+    mlp = eqx.nn.MLP(2, 2, 8, 1, activation=jnp.tanh, key=jr.PRNGKey(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    keys = jr.split(jr.PRNGKey(1), 4)
+
+    def value_and_grad(key, params):
+        return jax.value_and_grad(_neural_sde_loss, argnums=1)(key, params, static)
+
+    jitted = jax.jit(value_and_grad)
+    batched = jax.jit(jax.vmap(value_and_grad, in_axes=(0, None)))
+    runs = [jitted(keys[0], params) for _ in range(2)]
+    # A second, separately traced and compiled program gives the same bits.
+    runs.append(jax.jit(value_and_grad)(keys[0], params))
+    batches = [batched(keys, params) for _ in range(2)]
+    for run in runs[1:]:
+        for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(run), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(batches[0]), jax.tree.leaves(batches[1]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # The batch's first member is the unbatched run: batching may change the order of
+    # floating-point reductions inside the MLP, so equal to rounding, not bitwise.
+    first = jax.tree.map(lambda x: x[0], batches[0])
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(first), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
