@@ -75,7 +75,7 @@ def machine() -> dict:
 
 def describe(info: dict) -> str:
     """One sentence naming when, where and with what a table was measured."""
-    where = info["gpu"] or f"{info['cpu']} ({info['cores']} cores)"
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
     return (
         f"Measured {info['date']} on {where}, jax {info['jax']} (jaxlib "
         f"{info.get('jaxlib', '?')}), diffrax {info['diffrax']}."

@@ -18,7 +18,9 @@ square of y(1)), fixed steps of 1/N. Two tables:
   in the forward and backward passes alone, no reconstruction). The reversible adjoint
   rebuilds each state from the next, so rounding there is amplified by the inverse
   step: by up to 1/coupling per step for `Reversible`, 1/(2 damping - 1) for
-  `AsynchronousLeapfrog`.
+  `AsynchronousLeapfrog`. These gradients are taken with `reconstruction_tol=None`;
+  a last column says whether the default check (`reconstruction_tol=1e-3`) raises
+  on the float32 solve instead of returning that gradient.
 
 Writes `benchmarks/results/gradient_error{_quick,_tiny}.{json,md}`.
 
@@ -26,6 +28,7 @@ Run: `python benchmarks/gradient_error.py [--mode full|quick|tiny]`.
 """
 
 import functools as ft
+import logging
 
 import diffrax as dfx
 import equinox as eqx
@@ -60,7 +63,10 @@ SOLVERS = {
     "Heun": lambda: dfx.Heun(),
 }
 ADJOINTS = {
-    "ReversibleAdjoint": lambda: dxe.ReversibleAdjoint(),
+    # Unchecked, so that the drift table can show how wrong an unstable
+    # reconstruction's gradient is; "checked" is the default, which raises instead.
+    "ReversibleAdjoint": lambda: dxe.ReversibleAdjoint(reconstruction_tol=None),
+    "ReversibleAdjoint checked": lambda: dxe.ReversibleAdjoint(),
     "RecursiveCheckpointAdjoint": lambda: dfx.RecursiveCheckpointAdjoint(),
     "BacksolveAdjoint": lambda: dfx.BacksolveAdjoint(),
     "GaussLegendreAdjoint": lambda: dxe.GaussLegendreAdjoint(),
@@ -176,7 +182,25 @@ def drift(grid, solvers):
                     )
                 )
                 log(**rows[-1])
+            rows[-3]["check_raises"] = check_raises(solver, num_steps)
     return rows
+
+
+def check_raises(solver, num_steps) -> bool:
+    """Whether the default `ReversibleAdjoint` refuses the float32 gradient."""
+    # JAX logs the traceback of every failing callback; the refusal is expected here.
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
+    try:
+        jax.block_until_ready(
+            gradient(solver, "ReversibleAdjoint checked", jnp.float32, 10_000)(
+                num_steps
+            )
+        )
+    except Exception as error:  # jax wraps the runtime error in its own type.
+        if "could not reconstruct the initial state" in str(error):
+            return True
+        raise
+    return False
 
 
 def markdown(adjoint_rows, drift_rows, info) -> str:
@@ -209,13 +233,20 @@ def markdown(adjoint_rows, drift_rows, info) -> str:
     ]
     second = (
         "Drift: relative error of the gradient against the exact gradient of the "
-        "same discretised solve (`RecursiveCheckpointAdjoint`, float64). `nan`: the "
-        "reconstruction overflowed."
+        "same discretised solve (`RecursiveCheckpointAdjoint`, float64). "
+        "`ReversibleAdjoint` columns: the gradient taken with "
+        "`reconstruction_tol=None`; `nan`: the reconstruction overflowed. Last "
+        "column: whether the default `ReversibleAdjoint()` (which checks the "
+        "rebuilt initial state against `y0`, tolerance 1e-3) raises on the float32 "
+        "solve instead of returning its gradient."
     )
     by_key: dict = {}
     for r in drift_rows:
         key = (r["adjoint"], r["dtype"])
-        by_key.setdefault((r["solver"], r["steps"]), {})[key] = r["relative_error"]
+        errors = by_key.setdefault((r["solver"], r["steps"]), {})
+        errors[key] = r["relative_error"]
+        if "check_raises" in r:
+            errors["check"] = "raises" if r["check_raises"] else "passes"
     drift_table = [
         [
             solver,
@@ -223,6 +254,7 @@ def markdown(adjoint_rows, drift_rows, info) -> str:
             f"{errors[('ReversibleAdjoint', 'float32')]:.1e}",
             f"{errors[('RecursiveCheckpointAdjoint', 'float32')]:.1e}",
             f"{errors[('ReversibleAdjoint', 'float64')]:.1e}",
+            errors["check"],
         ]
         for (solver, steps), errors in by_key.items()
     ]
@@ -232,6 +264,7 @@ def markdown(adjoint_rows, drift_rows, info) -> str:
         "ReversibleAdjoint float32:",
         "RecursiveCheckpointAdjoint float32:",
         "ReversibleAdjoint float64:",
+        "default check, float32",
     ]
     return (
         first

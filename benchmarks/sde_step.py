@@ -11,6 +11,8 @@ SGD update. Fixed steps of h = 1/N. Configurations, compared in the same process
 - each of our pieces swapped in alone: `ReversibleHeun` (one evaluation a step; Kidger
   et al. 2021 measured up to 1.98x over midpoint), `BrownianInterval(tol=h/2, dt=h)`
   (up to 10.6x over the virtual Brownian tree in the same paper);
+- both together: `ReversibleHeun` + `BrownianInterval` +
+  `RecursiveCheckpointAdjoint`;
 - `ReversibleAdjoint`, which needs a reversible solver, so swapped in on
   `ReversibleHeun` + `VirtualBrownianTree`;
 - the full stack: `ReversibleHeun` + `BrownianInterval` + `ReversibleAdjoint`.
@@ -62,6 +64,12 @@ CONFIGS = {
         "BrownianInterval",
         "RecursiveCheckpoint",
         "Brownian path swapped in",
+    ),
+    "ReversibleHeun + BrownianInterval + RecursiveCheckpoint": (
+        "ReversibleHeun",
+        "BrownianInterval",
+        "RecursiveCheckpoint",
+        "solver and Brownian path swapped in",
     ),
     "ReversibleHeun + VirtualBrownianTree + ReversibleAdjoint": (
         "ReversibleHeun",

@@ -1,5 +1,5 @@
-"""mkdocs hooks: publish the benchmark report, tables and charts with the site, and point the guides'
-repository-relative links at them.
+"""mkdocs hooks: publish the benchmark report, tables and charts with the site, and
+point the guides' repository-relative links at them.
 
 The guides link to `../benchmarks/results/*.md` so that they also work when read on
 GitHub; the site has no parent of `docs/`, so those files are added under the same

@@ -73,7 +73,9 @@ def main():
 
     diffs = [
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(a)))
-        for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(sharded))
+        for a, b in zip(
+            jax.tree.leaves(reference), jax.tree.leaves(sharded), strict=True
+        )
     ]
     print(
         json.dumps(

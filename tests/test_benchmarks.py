@@ -14,6 +14,7 @@ SDE_STEP_ROWS = [
     "Heun + VirtualBrownianTree + RecursiveCheckpoint",
     "ReversibleHeun + VirtualBrownianTree + RecursiveCheckpoint",
     "Midpoint + BrownianInterval + RecursiveCheckpoint",
+    "ReversibleHeun + BrownianInterval + RecursiveCheckpoint",
     "ReversibleHeun + VirtualBrownianTree + ReversibleAdjoint",
     "ReversibleHeun + BrownianInterval + ReversibleAdjoint",
 ]

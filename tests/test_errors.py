@@ -220,6 +220,11 @@ CASES = {
         "UnsafeBrownianPath",
     ),
     # ReversibleAdjoint
+    "ReversibleAdjoint reconstruction_tol=0": (
+        lambda: dxe.ReversibleAdjoint(reconstruction_tol=0.0),
+        ValueError,
+        "reconstruction_tol",
+    ),
     "ReversibleAdjoint with a non-reversible solver": (
         lambda: _ode(solver=dfx.Tsit5(), adjoint=_RA),
         ValueError,

@@ -37,9 +37,7 @@ def _increments(starts, ends):
     ),
     order=st.permutations(range(NUM_POINTS - 1)),
 )
-def test_brownian_interval_additive_and_consistent_under_random_queries(
-    points, order
-):
+def test_brownian_interval_additive_and_consistent_under_random_queries(points, order):
     ts = np.sort(np.asarray(points))
     starts, ends = ts[:-1], ts[1:]
     pieces = np.asarray(_increments(starts, ends))

@@ -3,6 +3,9 @@
 - A solve that diverges raises diffrax's error with `throw=True`; with `throw=False`
   its result says so and the gradient is NaN (the backward pass would otherwise
   differentiate the part of the solve that ran, and return a finite, wrong number).
+  The same holds for `GaussLegendreAdjoint`'s own backward solve.
+- A backward pass that cannot rebuild the initial state (running the solver backwards
+  is unstable) raises instead of returning the wrong gradient it would give.
 - The same key and inputs give bitwise the same values and gradients on every run,
   under `jit` and `vmap`.
 """
@@ -71,6 +74,65 @@ def test_diverging_solve_raises_or_gives_nan_gradient(name):
     assert not bool(ok)
     assert np.isfinite(value)
     assert np.isnan(grad)
+
+
+def test_failing_backward_solve_raises_or_gives_nan_gradient():
+    """`GaussLegendreAdjoint` solves backwards with its own `max_steps`: 2 are too
+    few for the backward solve, though the forward one succeeds."""
+
+    def gradient(throw):
+        def loss(a):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, a: -a * y),
+                dfx.Tsit5(),
+                0.0,
+                1.0,
+                0.1,
+                jnp.array([1.0]),
+                args=a,
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+                adjoint=dxe.GaussLegendreAdjoint(max_steps=2),
+                max_steps=64,
+                throw=throw,
+            )
+            return jnp.sum(sol.ys)
+
+        return jax.jit(jax.grad(loss))(jnp.array(1.0))
+
+    assert np.isnan(gradient(False))
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(gradient(True))
+
+
+def test_unstable_reconstruction_raises():
+    """Damping 0.6 makes the asynchronous leapfrog's inverse step expand errors by
+    about 1/0.6 per step: after 50 steps the rebuilt states, and the gradient taken
+    along them, are far off."""
+
+    def gradient(adjoint):
+        def loss(a):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, a: jnp.tanh(a @ y)),
+                dxe.AsynchronousLeapfrog(damping=0.6),
+                0.0,
+                5.0,
+                0.1,
+                jnp.array([1.0, -0.5]),
+                args=a,
+                adjoint=adjoint,
+                max_steps=50,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return jax.jit(jax.grad(loss))(jnp.array([[0.0, 1.0], [-1.0, 0.0]]))
+
+    exact = gradient(dfx.RecursiveCheckpointAdjoint())
+    unchecked = gradient(dxe.ReversibleAdjoint(reconstruction_tol=None))
+    # What the check guards against: a finite gradient, and a wrong one.
+    assert np.all(np.isfinite(unchecked))
+    assert np.max(np.abs(unchecked - exact)) > 0.1 * np.max(np.abs(exact))
+    with pytest.raises(Exception, match="could not reconstruct the initial state"):
+        jax.block_until_ready(gradient(dxe.ReversibleAdjoint()))
 
 
 def _neural_sde_loss(key, params, static):

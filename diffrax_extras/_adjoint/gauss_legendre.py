@@ -15,6 +15,7 @@ from diffrax import (
     LinearInterpolation,
     MultiTerm,
     ODETerm,
+    RESULTS,
     SaveAt,
 )
 from jaxtyping import Array, PyTree, Real
@@ -411,7 +412,7 @@ def _loop_quadrature_bwd(
         return vjp_fn(cts)
 
     def _interval(carry, xs):
-        y, a, ct_args, ct_terms = carry
+        y, a, ct_args, ct_terms, result = carry
         lower, upper, save_here, y_saved, jump = xs
         y = jtu.tree_map(lambda s, c: jnp.where(save_here, s, c), y_saved, y)
         a = tree_add(a, jump)
@@ -433,12 +434,22 @@ def _loop_quadrature_bwd(
             node_as,
         )
         _ct_args, _ct_terms = _parameter_vjp(ts, node_ys, cts)
-        return (y, a, tree_add(ct_args, _ct_args), tree_add(ct_terms, _ct_terms)), None
+        # With `throw=False`, a backward solve that fails is as bad as a forward one.
+        result = RESULTS.where(result == RESULTS.successful, sol.result, result)
+        ct_args = tree_add(ct_args, _ct_args)
+        ct_terms = tree_add(ct_terms, _ct_terms)
+        return (y, a, ct_args, ct_terms, result), None
 
     first = jtu.tree_map(lambda x: x[0], jumps)
     rest = jtu.tree_map(lambda x: x[1:], (is_save, ys_at, jumps))
-    carry = (y0, zeros_cotangent(y0), zeros_cotangent(args), zeros_cotangent(terms))
-    (_, a, ct_args, ct_terms), _ = lax.scan(
+    carry = (
+        y0,
+        zeros_cotangent(y0),
+        zeros_cotangent(args),
+        zeros_cotangent(terms),
+        result,
+    )
+    (_, a, ct_args, ct_terms, result), _ = lax.scan(
         _interval, carry, (times[:-1], times[1:], *rest), reverse=True
     )
     return nan_if_failed(result, (tree_add(a, first), ct_args, ct_terms))

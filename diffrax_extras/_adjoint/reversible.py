@@ -1,3 +1,4 @@
+import numbers
 from typing import Any
 
 import diffrax
@@ -6,7 +7,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax import AbstractAdjoint, SubSaveAt
+from diffrax import AbstractAdjoint, RESULTS, SubSaveAt
 
 from .._diffrax_internals import (
     is_unsafe_sde,
@@ -80,6 +81,17 @@ class ReversibleAdjoint(AbstractAdjoint):
         }
         ```
     """
+
+    reconstruction_tol: float | None = 1e-3
+
+    def __check_init__(self):
+        tol = self.reconstruction_tol
+        if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
+            raise ValueError(
+                "`reconstruction_tol` must be a positive number (the largest "
+                "relative error allowed in the rebuilt initial state, e.g. `1e-3`) "
+                f"or `None` to skip the check, but got {tol!r}."
+            )
 
     def loop(
         self,
@@ -178,7 +190,14 @@ class ReversibleAdjoint(AbstractAdjoint):
         return final_state, aux_stats
 
 
-ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None"""
+ReversibleAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `reconstruction_tol`: after the backward pass, the reconstructed initial state is
+    compared with the true one; if they differ by more than `reconstruction_tol`
+    times `max(1, max|y0|, max|y1|)` (on any leaf), running the solver backwards was
+    unstable (a coupling or damping far below 1, or a long float32 solve), the
+    gradient would be wrong, and an error is raised instead. `None` skips the check.
+"""
 
 
 def _closure_convert_fn(sub, t, y, args):
@@ -253,7 +272,7 @@ def _loop_reversible_bwd(
     init_state,
     progress_meter,
 ):
-    del perturbed, self, stepsize_controller, t1, dt0, init_state, progress_meter
+    del perturbed, stepsize_controller, t1, dt0, init_state, progress_meter
     y_final, solver_state_final, tfinal, result, record = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     y0, _, args, terms = y0__state0__args__terms
@@ -316,12 +335,50 @@ def _loop_reversible_bwd(
         ct_args,
         zeros_cotangent(terms),
     )
-    _, _, _, ct_y0, ct_state0, ct_args, ct_terms = lax.while_loop(
+    _, y0_rebuilt, _, ct_y0, ct_state0, ct_args, ct_terms = lax.while_loop(
         cond_fun, body_fun, carry
     )
     for save in saves:
         ct_y0, ct_args = save.pull_back_t0(ct_y0, ct_args, t0, y0, args)
-    return nan_if_failed(result, (ct_y0, ct_state0, ct_args, ct_terms))
+    cotangents = nan_if_failed(result, (ct_y0, ct_state0, ct_args, ct_terms))
+    if self.reconstruction_tol is None:
+        return cotangents
+    return _check_reconstruction(
+        cotangents, y0, y0_rebuilt, y_final, result, self.reconstruction_tol
+    )
+
+
+def _check_reconstruction(cotangents, y0, y0_rebuilt, y_final, result, tol):
+    """Raises, at run time, if the backward pass did not rebuild `y0`: the states it
+    passed through on the way were then wrong too, and so is the gradient."""
+    leaves = [
+        (a, b, c)
+        for a, b, c in zip(
+            jtu.tree_leaves(y0),
+            jtu.tree_leaves(y0_rebuilt),
+            jtu.tree_leaves(y_final),
+            strict=True,
+        )
+        if eqx.is_inexact_array(a) and a.size > 0
+    ]
+    if not leaves:
+        return cotangents
+    bad = []
+    for a, b, c in leaves:
+        scale = jnp.maximum(1, jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(c))))
+        # Written so that NaN counts as a failure.
+        bad.append(~(jnp.max(jnp.abs(a - b)) <= tol * scale))
+    failed = jnp.logical_and(jnp.any(jnp.stack(bad)), result == RESULTS.successful)
+    return eqx.error_if(
+        cotangents,
+        failed,
+        "`ReversibleAdjoint` could not reconstruct the initial state on the backward "
+        "pass (it differs from `y0` by more than `reconstruction_tol`): running the "
+        "solver backwards is unstable here, so the gradient would be wrong. Use a "
+        "coupling closer to 1 in `Reversible(...)`, `damping=1.0` in "
+        "`AsynchronousLeapfrog`, float64, or fewer steps; or use "
+        "`adjoint=diffrax.RecursiveCheckpointAdjoint()`.",
+    )
 
 
 def _fn_vjp(fn, t, y, args, ct):
