@@ -59,6 +59,13 @@ class ReversibleAdjoint(AbstractAdjoint):
     fn=...)` and `SaveAt(subs=...)`; gradients with respect to `y0`, `args` and
     everything differentiable inside `terms`.
 
+    Running a solver backwards can be unstable: with a coupling or damping well below
+    1, or over many float32 steps, the reconstructed states drift from the true ones
+    and the gradient along them is wrong. The backward pass therefore ends by
+    comparing the reconstructed initial state with `y0`, and raises (at run time,
+    with `equinox.error_if`) if they differ by more than `reconstruction_tol`. A
+    failed forward solve (`throw=False`) gives NaN gradients instead.
+
     Not supported (each raises an error at trace time): events, `SaveAt(dense=True)`,
     `max_steps=None`, `diffrax.UnsafeBrownianPath`, and gradients with respect to
     `t0`, `t1` or `SaveAt(ts=...)`.
