@@ -41,6 +41,13 @@ def _release_compiled_programs():
         gc.collect()
 
 
+def pytest_collection_modifyitems(session, config, items):
+    # The tests of scripts run in the background go last; see tests/processes.py.
+    from .processes import RUNS
+
+    items.sort(key=lambda item: item.name in RUNS)
+
+
 def pytest_collection_finish(session):
     # Start the selected tests' scripts now; see tests/processes.py.
     from . import processes
