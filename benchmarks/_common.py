@@ -2,6 +2,7 @@
 interleaved timing, gradient errors and the markdown/JSON output."""
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -12,7 +13,6 @@ from collections.abc import Callable, Hashable, Sequence
 
 import diffrax as dfx
 import jax
-import jaxlib
 import numpy as np
 
 
@@ -21,9 +21,10 @@ MODES = ("tiny", "quick", "full")
 
 
 def parse_args(
-    description: str, repeats: int = 3, extra: Callable | None = None
+    doc: str | None, repeats: int = 3, extra: Callable | None = None
 ) -> argparse.Namespace:
-    """The options every benchmark takes.
+    """The options every benchmark takes; `doc` is the benchmark's module docstring,
+    whose first line describes it in `--help`.
 
     `--mode` picks the problem sizes: `full` (the published tables), `quick` (a few
     minutes on 2 CPU cores) or `tiny` (seconds; checks that everything runs, the
@@ -31,7 +32,7 @@ def parse_args(
     `--out` (default `benchmarks/results/`) as `<name>.{json,md}`, with `_quick` or
     `_tiny` appended outside full mode.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=first_line(doc))
     parser.add_argument("--mode", choices=MODES, default="full")
     parser.add_argument("--quick", action="store_true", help="same as --mode quick")
     parser.add_argument("--repeats", type=int, default=repeats)
@@ -42,6 +43,10 @@ def parse_args(
     if args.quick:
         args.mode = "quick"
     return args
+
+
+def first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0]
 
 
 def result_stem(name: str, mode: str) -> str:
@@ -67,7 +72,7 @@ def machine() -> dict:
         device=f"{device.platform}: {device.device_kind}",
         gpu=gpus[0] if gpus else None,
         jax=jax.__version__,
-        jaxlib=jaxlib.__version__,
+        jaxlib=importlib.metadata.version("jaxlib"),
         diffrax=getattr(dfx, "__version__", "?"),
         date=time.strftime("%Y-%m-%d"),
     )
@@ -99,12 +104,20 @@ def interleaved_medians(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def compile_timed(fn, *inputs) -> tuple[Callable, float]:
+def compile_timed(fn, *inputs) -> tuple[jax.stages.Compiled, float]:
     """`fn` (a `jax.jit`-wrapped function) compiled for `inputs`, and the seconds
     that took."""
     start = time.perf_counter()
     compiled = fn.lower(*inputs).compile()
     return compiled, time.perf_counter() - start
+
+
+def temp_bytes(compiled: jax.stages.Compiled) -> int:
+    """The compiled program's scratch memory: XLA's `temp_size_in_bytes`."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"no memory analysis on {jax.default_backend()}")
+    return analysis.temp_size_in_bytes
 
 
 def relative_error(reference, other) -> float:

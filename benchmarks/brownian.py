@@ -254,7 +254,7 @@ SIZES = {
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     info = machine()
     grid, levy_areas, contexts, modes = SIZES[args.mode]
     rows = run(grid, args.repeats, levy_areas, contexts, modes)

@@ -188,7 +188,7 @@ CASES = {
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     info = machine()
     rows = run(CASES[args.mode], args.repeats)
     payload = dict(machine=info, rows=rows)

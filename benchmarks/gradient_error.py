@@ -130,6 +130,7 @@ def gradient(solver, adjoint, dtype, max_steps):
                 adjoint=ADJOINTS[adjoint](),
                 max_steps=max_steps,
             )
+            assert sol.ys is not None
             return jnp.mean(sol.ys**2)
 
         return jax.grad(loss)(params)
@@ -278,7 +279,7 @@ def markdown(adjoint_rows, drift_rows, info) -> str:
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0], repeats=1)
+    args = parse_args(__doc__, repeats=1)
     num_steps, pairs, grid, solvers = SIZES[args.mode]
     info = machine()
     adjoint_rows = adjoint_errors(num_steps, pairs)

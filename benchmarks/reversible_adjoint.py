@@ -34,6 +34,7 @@ from _common import (
     markdown_table,
     parse_args,
     save,
+    temp_bytes,
 )
 
 import diffrax_extras as dxe
@@ -62,11 +63,11 @@ def make_grad(solver, adjoint, num_steps, state, width, batch):
             adjoint=adjoint,
             max_steps=num_steps,
         )
+        assert sol.ys is not None
         return jnp.mean(sol.ys**2)
 
     compiled, compile_s = compile_timed(jax.jit(jax.grad(loss)), params, y0)
-    memory = compiled.memory_analysis().temp_size_in_bytes
-    return compiled, (params, y0), compile_s, memory
+    return compiled, (params, y0), compile_s, temp_bytes(compiled)
 
 
 # (group, name, solver, adjoint for N steps); the first of each group is ours, the
@@ -193,7 +194,7 @@ def main():
             help="comma-separated groups to run: ReversibleHeun, Tsit5",
         )
 
-    args = parse_args(__doc__.splitlines()[0], extra=extra)
+    args = parse_args(__doc__, extra=extra)
     grid, state, width, batch = SIZES[args.mode]
     config = dict(state=state, width=width, batch=batch, repeats=args.repeats)
     info = machine()

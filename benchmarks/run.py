@@ -30,7 +30,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from _common import describe, machine, markdown_table, result_stem  # noqa: E402
+from _common import (  # noqa: E402
+    describe,
+    first_line,
+    machine,
+    markdown_table,
+    result_stem,
+)
 
 
 HERE = pathlib.Path(__file__).parent
@@ -359,7 +365,7 @@ def report(mode, info, results, headline, charts) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--quick", action="store_true", help="under 15 min on 2 cores")
     modes.add_argument("--full", action="store_true", help="the published tables")

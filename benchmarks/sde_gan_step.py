@@ -91,7 +91,7 @@ def markdown(rows, info, config, repeats) -> str:
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0], repeats=10)
+    args = parse_args(__doc__, repeats=10)
     example = load_example()
     config = {"full": example.FULL, "quick": example.SMALL, "tiny": example.SMOKE}[
         args.mode

@@ -38,6 +38,7 @@ from _common import (
     markdown_table,
     parse_args,
     save,
+    temp_bytes,
 )
 
 import diffrax_extras as dxe
@@ -176,7 +177,7 @@ def run(num_steps, batch, state, noise, width, repeats):
     for name, config in CONFIGS.items():
         step = make_step(config, static, num_steps)
         fn, seconds = compile_timed(step, params, y0, keys)
-        compiled[name] = (seconds, fn.memory_analysis().temp_size_in_bytes)
+        compiled[name] = (seconds, temp_bytes(fn))
         fns[name] = lambda fn=fn: fn(params, y0, keys)
     losses = {name: float(fn()[0]) for name, fn in fns.items()}
     seconds = interleaved_medians(fns, repeats)
@@ -233,7 +234,7 @@ def markdown(rows, info, config, repeats) -> str:
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     num_steps, batch, state, noise, width = SIZES[args.mode]
     config = dict(steps=num_steps, batch=batch, state=state, noise=noise, width=width)
     info = machine()

@@ -55,6 +55,7 @@ def data():
         jnp.array([2.0, 0.0]),
         saveat=dfx.SaveAt(ts=TS),
     )
+    assert sol.ys is not None
     return sol.ys
 
 
@@ -66,7 +67,7 @@ class Field(eqx.Module):
 
 
 def solve(model, y0, adjoint, num_steps=NUM_STEPS):
-    return dfx.diffeqsolve(
+    sol = dfx.diffeqsolve(
         dfx.ODETerm(model),
         dxe.ReversibleHeun(),
         0.0,
@@ -76,7 +77,9 @@ def solve(model, y0, adjoint, num_steps=NUM_STEPS):
         saveat=dfx.SaveAt(ts=TS),
         adjoint=adjoint,
         max_steps=num_steps,
-    ).ys
+    )
+    assert sol.ys is not None
+    return sol.ys
 
 
 def loss(model, ys, adjoint=None):
@@ -91,8 +94,9 @@ def compiled_temp_bytes(model, ys, adjoint, num_steps):
         m = eqx.combine(p, static)
         return jnp.mean((solve(m, ys[0], adjoint, num_steps) - ys) ** 2)
 
-    compiled = jax.jit(jax.grad(f)).lower(params).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    analysis = jax.jit(jax.grad(f)).lower(params).compile().memory_analysis()
+    assert analysis is not None, "this backend reports no memory analysis"
+    return analysis.temp_size_in_bytes
 
 
 def main():

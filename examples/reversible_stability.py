@@ -21,6 +21,7 @@ import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import matplotlib
+from jax.flatten_util import ravel_pytree
 
 
 matplotlib.use("Agg")
@@ -47,12 +48,12 @@ def spectral_radius(solver, w):
     term = dfx.ODETerm(lambda t, y, args: args @ y)
     y0 = jnp.array([1.0, 0.0])
     state0 = solver.init(term, 0.0, 1.0, y0, a)
-    flat0, unflatten = jax.flatten_util.ravel_pytree((y0, state0))
+    flat0, unflatten = ravel_pytree((y0, state0))
 
     def one_step(flat):
         y, state = unflatten(flat)
         y1, _, _, state1, _ = solver.step(term, 0.0, 1.0, y, a, state, False)
-        return jax.flatten_util.ravel_pytree((y1, state1))[0]
+        return ravel_pytree((y1, state1))[0]
 
     return jnp.max(jnp.abs(jnp.linalg.eigvals(jax.jacrev(one_step)(flat0))))
 
@@ -107,9 +108,9 @@ def stiff_example() -> str:
     ) * jnp.exp(-k * t1)
 
     def solve(solver, adjoint, rate):
-        return dfx.diffeqsolve(
-            term, solver, 0.0, t1, dt, y0, args=rate, adjoint=adjoint
-        ).ys[-1, 0]
+        sol = dfx.diffeqsolve(term, solver, 0.0, t1, dt, y0, args=rate, adjoint=adjoint)
+        assert sol.ys is not None
+        return sol.ys[-1, 0]
 
     rows = [
         "| solver | error at t = 1 | gradient error vs RecursiveCheckpointAdjoint |",

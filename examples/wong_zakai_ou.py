@@ -17,6 +17,7 @@ Run: `python examples/wong_zakai_ou.py` (a few minutes on 2 CPU cores).
 Set `DIFFRAX_EXTRAS_TINY=1` for a seconds-long smoke run.
 """
 
+import functools as ft
 import os
 import pathlib
 import time
@@ -75,6 +76,7 @@ def data(key):
         sol = dfx.diffeqsolve(
             terms, dfx.Heun(), 0.0, T1, 0.01, _y0(k_y0), saveat=dfx.SaveAt(ts=TS)
         )
+        assert sol.ys is not None
         return sol.ys[:, 0]
 
     return jax.jit(jax.vmap(one))(jr.split(key, NUM_DATA))
@@ -101,9 +103,9 @@ class Model(eqx.Module):
 
     def __init__(self, key):
         k1, k2 = jr.split(key)
-        mlp = dict(in_size=2, out_size=1, width_size=32, depth=2, activation=jnp.tanh)
-        self.drift = Drift(eqx.nn.MLP(**mlp, key=k1))
-        self.diffusion = Diffusion(eqx.nn.MLP(**mlp, key=k2))
+        mlp = ft.partial(eqx.nn.MLP, 2, 1, 32, 2, activation=jnp.tanh)
+        self.drift = Drift(mlp(key=k1))
+        self.diffusion = Diffusion(mlp(key=k2))
 
     def wong_zakai(self, bm) -> dxe.WongZakai:
         terms = dfx.MultiTerm(
@@ -130,6 +132,7 @@ def train_ode_paths(model, key):
             stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-4),
             adjoint=dxe.GaussLegendreAdjoint(n_nodes=4),
         )
+        assert sol.ys is not None
         return sol.ys[:, 0]
 
     return jax.vmap(one)(jr.split(key, BATCH))
@@ -153,6 +156,7 @@ def sde_paths(model, key, num, solver=None, adjoint=None):
             saveat=dfx.SaveAt(ts=TS),
             adjoint=dfx.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
         )
+        assert sol.ys is not None
         return sol.ys[:, 0]
 
     return jax.vmap(one)(jr.split(key, num))

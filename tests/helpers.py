@@ -29,20 +29,25 @@ CDE_KNOTS = np.linspace(T0, T1, 11)
 
 CONTROLLERS: dict[str, Callable[[], Any]] = {
     "constant": lambda: dfx.ConstantStepSize(),
-    "step_to": lambda: dfx.StepTo(ts=np.linspace(T0, T1, 23)),
+    "step_to": lambda: dfx.StepTo(ts=jnp.linspace(T0, T1, 23)),
     "pid": lambda: dfx.PIDController(rtol=1e-3, atol=1e-5),
     "clip": lambda: dfx.ClipStepSizeController(
-        dfx.PIDController(rtol=1e-3, atol=1e-5), jump_ts=JUMP_TS, step_ts=STEP_TS
+        dfx.PIDController(rtol=1e-3, atol=1e-5),
+        jump_ts=jnp.asarray(JUMP_TS),
+        step_ts=jnp.asarray(STEP_TS),
     ),
 }
 
 SAVEATS: dict[str, Callable[[], dfx.SaveAt]] = {
     "t1": lambda: dfx.SaveAt(t1=True),
-    "t0_t1_ts": lambda: dfx.SaveAt(t0=True, t1=True, ts=SAVE_TS),
+    "t0_t1_ts": lambda: dfx.SaveAt(t0=True, t1=True, ts=jnp.asarray(SAVE_TS)),
     "steps": lambda: dfx.SaveAt(steps=True),
     "subs_fn": lambda: dfx.SaveAt(
         subs=[
-            dfx.SubSaveAt(ts=SAVE_TS, fn=lambda t, y, args: jtu.tree_leaves(y)[0] ** 2),
+            dfx.SubSaveAt(
+                ts=jnp.asarray(SAVE_TS),
+                fn=lambda t, y, args: jtu.tree_leaves(y)[0] ** 2,
+            ),
             dfx.SubSaveAt(t1=True, steps=3, fn=lambda t, y, args: jtu.tree_leaves(y)),
         ]
     ),
@@ -108,8 +113,10 @@ def make_problem(kind: str, dtype=jnp.float64):
             args=jnp.array(1.3, dtype),
         )
 
-        def build(p):
+        def build_ode(p):
             return dfx.ODETerm(p["field"]), p["y0"], p["args"]
+
+        build = build_ode
 
     elif kind == "cde":
         hidden, channels = 3, 2
@@ -124,9 +131,11 @@ def make_problem(kind: str, dtype=jnp.float64):
             args=jnp.array(0.9, dtype),
         )
 
-        def build(p):
+        def build_cde(p):
             control = dfx.CubicInterpolation(ts, p["coeffs"])
             return dfx.ControlTerm(p["field"], control).to_ode(), p["y0"], p["args"]
+
+        build = build_cde
 
     elif kind in ("sde", "sde_levy", "sde_additive"):
         # "sde_levy" and "sde_additive" also sample the space-time Levy area that SRK
@@ -152,11 +161,13 @@ def make_problem(kind: str, dtype=jnp.float64):
             args=jnp.array(0.8, dtype),
         )
 
-        def build(p):
+        def build_sde(p):
             terms = dfx.MultiTerm(
                 dfx.ODETerm(p["drift"]), dfx.ControlTerm(p["diffusion"], bm)
             )
             return terms, p["y0"], p["args"]
+
+        build = build_sde
 
     else:
         raise ValueError(kind)
@@ -183,7 +194,7 @@ def make_loss(
     adjoint: dfx.AbstractAdjoint,
     controller: str = "constant",
     saveat: str = "t1",
-    dt0: float = DEFAULT_DT0,
+    dt0: float | None = DEFAULT_DT0,
     max_steps: int = 1024,
 ):
     """A jitted `loss(params)` for one problem, built from the tables above."""
@@ -356,7 +367,7 @@ def measured_order(solver, dts, t1: float = 2.0) -> tuple[float, list[float]]:
 
     @jax.jit
     def final(dt):
-        return dfx.diffeqsolve(
+        sol = dfx.diffeqsolve(
             dfx.ODETerm(_rotation_field),
             solver,
             0.0,
@@ -364,7 +375,9 @@ def measured_order(solver, dts, t1: float = 2.0) -> tuple[float, list[float]]:
             dt,
             jnp.array([1.0, 0.0]),
             max_steps=20000,
-        ).ys[-1]
+        )
+        assert sol.ys is not None
+        return sol.ys[-1]
 
     errors = [float(np.max(np.abs(np.asarray(final(dt)) - exact))) for dt in dts]
     order = np.polyfit(np.log(dts), np.log(errors), 1)[0]

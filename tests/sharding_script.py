@@ -44,6 +44,7 @@ def solve(params, static, y0, key):
         adjoint=dxe.ReversibleAdjoint(),
         max_steps=20,
     )
+    assert sol.ys is not None
     return sol.ys
 
 

@@ -9,6 +9,7 @@ are fixed, so a failure means a wrong law, not bad luck.)
 """
 
 import functools as ft
+from typing import cast
 
 import diffrax as dfx
 import equinox as eqx
@@ -39,7 +40,15 @@ PARTITION = [
 ]
 
 
-def _path(key, levy_area=dfx.BrownianIncrement, dt=DT, shape=(), tol=TOL):
+def _path(
+    key,
+    levy_area: type[
+        dfx.BrownianIncrement | dfx.SpaceTimeLevyArea | dfx.SpaceTimeTimeLevyArea
+    ] = dfx.BrownianIncrement,
+    dt=DT,
+    shape=(),
+    tol=TOL,
+):
     return dxe.BrownianInterval(T0, T1, tol, shape, key, levy_area=levy_area, dt=dt)
 
 
@@ -78,8 +87,8 @@ def _standardised(increment) -> list[np.ndarray]:
     return out
 
 
-def _assert_iid_standard_normal(columns: list[np.ndarray]):
-    columns = np.stack(columns, axis=-1)
+def _assert_iid_standard_normal(samples: list[np.ndarray]):
+    columns = np.stack(samples, axis=-1)
     for j in range(columns.shape[-1]):
         assert scipy.stats.kstest(columns[:, j], "norm").pvalue > KS_P, j
     # KS is weak against a wrong scale: mean and variance to 5 standard errors.
@@ -128,9 +137,10 @@ def test_joint_law_at_random_points():
 
     @jax.jit
     def sample(keys):
-        return jax.vmap(lambda k: jnp.stack([_path(k).evaluate(t) for t in points]))(
-            keys
-        )
+        def at_points(key) -> jax.Array:
+            return jnp.stack([cast(jax.Array, _path(key).evaluate(t)) for t in points])
+
+        return jax.vmap(at_points)(keys)
 
     values = np.asarray(sample(jr.split(jr.PRNGKey(1), NUM_SAMPLES)))
     chol = np.linalg.cholesky(np.minimum(points[:, None], points[None, :]))
@@ -172,7 +182,10 @@ def test_additive_and_chen_relation_over_random_partitions():
             for s, t in zip(cuts[:-1], cuts[1:], strict=True)
         ]
         whole = bm.evaluate(T0, T1, use_levy=True)
-        w, h, k = _from_definition([(p.dt, p.W, p.H, p.K) for p in parts])
+        assert isinstance(whole, dfx.SpaceTimeTimeLevyArea)
+        areas = [p for p in parts if isinstance(p, dfx.SpaceTimeTimeLevyArea)]
+        assert len(areas) == len(parts)
+        w, h, k = _from_definition([(p.dt, p.W, p.H, p.K) for p in areas])
         np.testing.assert_allclose(w, whole.W, rtol=0, atol=1e-13)
         np.testing.assert_allclose(h, whole.H, rtol=0, atol=1e-12)
         np.testing.assert_allclose(k, whole.K, rtol=0, atol=1e-12)
@@ -296,7 +309,8 @@ def test_solve_of_dW_reproduces_the_increment(controller, dt0):
         stepsize_controller=controller,
     )
     assert sol.ys is not None
-    np.testing.assert_allclose(sol.ys[-1], bm.evaluate(T0, T1), rtol=0, atol=1e-13)
+    whole = cast(jax.Array, bm.evaluate(T0, T1))
+    np.testing.assert_allclose(sol.ys[-1], whole, rtol=0, atol=1e-13)
 
 
 @pytest.mark.slow
@@ -393,6 +407,7 @@ def test_gradients_through_diffrax_adjoints():
                 args=theta,
                 adjoint=adjoint,
             )
+            assert sol.ys is not None
             return jnp.sum(sol.ys)
 
         return jax.grad(loss)(theta)

@@ -6,6 +6,8 @@ the compiled program (`equinox.error_if`) and raise whatever JAX raises for a fa
 runtime check, so those rows expect `Exception` and are matched by message.
 """
 
+from typing import Any
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -52,7 +54,9 @@ def _unsafe():
 
 
 def _interval(**kwargs):
-    full = dict(t0=0.0, t1=1.0, tol=2**-8, shape=(2,), key=jr.PRNGKey(0), dt=0.1)
+    full: dict[str, Any] = dict(
+        t0=0.0, t1=1.0, tol=2**-8, shape=(2,), key=jr.PRNGKey(0), dt=0.1
+    )
     return dxe.BrownianInterval(**(full | kwargs))
 
 
@@ -85,6 +89,7 @@ def _time_gradient(name):
             saveat=dfx.SaveAt(ts=ts),
             adjoint=dxe.ReversibleAdjoint(),
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys)
 
     jax.grad(loss)(jnp.asarray({"t0": 0.0, "t1": 1.0, "saveat.ts": 1.0}[name]))
@@ -110,6 +115,7 @@ def _interpolation_gradient(argnum):
             args=jnp.array(1.0),
             adjoint=dxe.GaussLegendreAdjoint(),
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys)
 
     jax.grad(loss, argnums=argnum)(jnp.linspace(0.0, 1.0, 4), 1.0)
@@ -120,7 +126,7 @@ def _sde_terms():
     return build(params)[0]
 
 
-def _kl(n_modes=4, shape=(3,), t0=0.0, t1=1.0):
+def _kl(n_modes: Any = 4, shape=(3,), t0=0.0, t1=1.0):
     return dxe.KarhunenLoevePath(t0, t1, shape, jr.key(0), n_modes)
 
 
@@ -411,7 +417,7 @@ CASES = {
         "SpaceTimeLevyArea",
     ),
     "BrownianInterval gradient w.r.t. time": (
-        lambda: jax.grad(lambda t: _interval().evaluate(jnp.array(0.1), t).sum())(
+        lambda: jax.grad(lambda t: jnp.sum(_interval().evaluate(jnp.array(0.1), t)))(  # pyright: ignore[reportArgumentType]
             jnp.array(0.5)
         ),
         Exception,
@@ -427,7 +433,7 @@ CASES = {
         "floating",
     ),
     "KarhunenLoevePath.from_brownian of a smooth path": (
-        lambda: dxe.KarhunenLoevePath.from_brownian(_kl(), 4, 16),
+        lambda: dxe.KarhunenLoevePath.from_brownian(_kl(), 4, 16),  # pyright: ignore[reportArgumentType]
         ValueError,
         "Brownian path",
     ),
@@ -449,7 +455,7 @@ CASES = {
         "shape",
     ),
     "WongZakai.sde_terms with a smooth path": (
-        lambda: dxe.WongZakai(_sde_terms()).sde_terms(_kl(), dfx.Heun()),
+        lambda: dxe.WongZakai(_sde_terms()).sde_terms(_kl(), dfx.Heun()),  # pyright: ignore[reportArgumentType]
         ValueError,
         "Brownian path",
     ),

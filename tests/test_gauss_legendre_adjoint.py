@@ -1,4 +1,5 @@
 import functools as ft
+from typing import Any
 
 import diffrax as dfx
 import equinox as eqx
@@ -23,10 +24,10 @@ from .helpers import (
 # Both the quadrature adjoint and the reference differentiate nearly the same
 # problem: the continuous gradient and the discretised solve's differ by the solver's
 # error, which these tolerances keep below the quadrature errors being measured.
-TIGHT = dict(rtol=1e-11, atol=1e-11)
+TIGHT: dict[str, Any] = dict(rtol=1e-11, atol=1e-11)
 SAVEAT = {
     "t1": dfx.SaveAt(t1=True),
-    "t0_t1_ts": dfx.SaveAt(t0=True, t1=True, ts=SAVE_TS),
+    "t0_t1_ts": dfx.SaveAt(t0=True, t1=True, ts=jnp.asarray(SAVE_TS)),
 }
 
 
@@ -46,12 +47,15 @@ def _grad(kind, n_nodes, saveat="t1", reverse=False, dtype=jnp.float64):
     if save.subs.ts is not None:
         ts = (T0 + T1) - SAVE_TS if reverse else SAVE_TS
         save = eqx.tree_at(lambda s: s.subs.ts, save, jnp.asarray(ts, dtype))
-    tols = TIGHT if dtype == jnp.float64 else dict(rtol=1e-6, atol=1e-6)
+    tols: dict[str, Any] = TIGHT if dtype == jnp.float64 else dict(rtol=1e-6, atol=1e-6)
     # Stepping to the control's knots keeps the reference (the gradient of the
     # discretised solve) accurate: across a knot, where the cubic's second derivative
     # jumps, its error is 5e-4 at these tolerances, the quadrature's 8e-9.
-    jump_ts = CDE_KNOTS if kind == "cde" else None
-    controller = dfx.PIDController(**tols, jump_ts=jump_ts)
+    controller = dfx.PIDController(**tols)
+    if kind == "cde":
+        controller = dfx.ClipStepSizeController(
+            controller, jump_ts=jnp.asarray(CDE_KNOTS)
+        )
 
     @eqx.filter_jit
     @eqx.filter_grad
@@ -116,7 +120,7 @@ def test_linear_control_term_split_at_knots():
     xs = jnp.stack([knots, jnp.cos(7 * knots)], axis=-1)
     weight = 0.7 * jnp.cos(jnp.arange(8.0)).reshape(4, 2)
     params = (weight, xs, jnp.array([0.3, -0.4]), jnp.array(1.1))
-    controller = dfx.PIDController(**TIGHT, jump_ts=knots)
+    controller = dfx.ClipStepSizeController(dfx.PIDController(**TIGHT), jump_ts=knots)
 
     def loss(p, adjoint):
         weight, xs, y0, args = p
@@ -134,6 +138,7 @@ def test_linear_control_term_split_at_knots():
             adjoint=adjoint,
             max_steps=4096,
         )
+        assert sol.ys is not None
         return jnp.sum(jnp.sin(sol.ys))
 
     grad = eqx.filter_jit(eqx.filter_grad(loss))
@@ -166,9 +171,10 @@ def test_exact_for_polynomials(n_nodes):
             0.1,
             jnp.zeros(()),
             args=theta,
-            saveat=dfx.SaveAt(ts=save_ts),
+            saveat=dfx.SaveAt(ts=jnp.asarray(save_ts)),
             adjoint=dxe.GaussLegendreAdjoint(n_nodes),
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys)
 
     grads = jax.jit(jax.grad(loss))(jnp.ones(degree + 1))
@@ -208,10 +214,11 @@ def test_parameters_closed_over_by_the_vector_field():
             1.0,
             None,
             jnp.array([1.0, 2.0]),
-            saveat=dfx.SaveAt(ts=SAVE_TS),
+            saveat=dfx.SaveAt(ts=jnp.asarray(SAVE_TS)),
             stepsize_controller=dfx.PIDController(**TIGHT),
             adjoint=adjoint,
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys**2)
 
     a = jnp.array([0.7, 1.3])

@@ -117,6 +117,7 @@ def _gradients(base):
                     adjoint=adjoint,
                     max_steps=256,
                 )
+                assert sol.ys is not None
                 return jnp.sum(jnp.sin(sol.ys))
 
             return jax.grad(loss, argnums=(0, 1))(params, y0)

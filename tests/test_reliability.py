@@ -65,6 +65,7 @@ def test_diverging_solve_raises_or_gives_nan_gradient(name):
             sol = solve(a)
             # The saved value before the blow-up is finite; the gradient must still
             # be NaN, as the solve as a whole failed.
+            assert sol.ys is not None
             return sol.ys[0, 0], sol.result == dfx.RESULTS.successful
 
         (value, ok), grad = jax.value_and_grad(loss, has_aux=True)(a)
@@ -95,6 +96,7 @@ def test_failing_backward_solve_raises_or_gives_nan_gradient():
                 max_steps=64,
                 throw=throw,
             )
+            assert sol.ys is not None
             return jnp.sum(sol.ys)
 
         return jax.jit(jax.grad(loss))(jnp.array(1.0))
@@ -122,6 +124,7 @@ def test_unstable_reconstruction_raises():
                 adjoint=adjoint,
                 max_steps=50,
             )
+            assert sol.ys is not None
             return jnp.sum(sol.ys**2)
 
         return jax.jit(jax.grad(loss))(jnp.array([[0.0, 1.0], [-1.0, 0.0]]))
@@ -155,6 +158,7 @@ def _neural_sde_loss(key, params, static):
         adjoint=dxe.ReversibleAdjoint(),
         max_steps=20,
     )
+    assert sol.ys is not None
     return jnp.mean(sol.ys**2)
 
 

@@ -167,5 +167,7 @@ def test_adaptive_steps_follow_base_error_estimate():
     assert abs(
         int(wrapped.stats["num_steps"]) - int(base.stats["num_steps"])
     ) <= 0.2 * int(base.stats["num_steps"])
+    assert wrapped.ys is not None
     assert jnp.max(jnp.abs(wrapped.ys[:, 0] - exact)) < 1e-7
+    assert base.ys is not None
     assert jnp.max(jnp.abs(base.ys[:, 0] - exact)) < 1e-7

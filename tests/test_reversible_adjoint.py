@@ -6,6 +6,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import diffrax_extras as dxe
 
@@ -47,8 +48,8 @@ def test_gradient_matches_recursive_checkpoint(kind, controller, saveat):
 def test_gradient_matches_finite_differences():
     loss, params = make_loss("ode", SOLVER, dxe.ReversibleAdjoint(), saveat="t0_t1_ts")
     grads = eqx.filter_jit(eqx.filter_grad(loss))(params)
-    flat, unflatten = jax.flatten_util.ravel_pytree(eqx.filter(params, eqx.is_array))
-    flat_grads, _ = jax.flatten_util.ravel_pytree(eqx.filter(grads, eqx.is_array))
+    flat, unflatten = ravel_pytree(eqx.filter(params, eqx.is_array))
+    flat_grads, _ = ravel_pytree(eqx.filter(grads, eqx.is_array))
     _, static = eqx.partition(params, eqx.is_array)
 
     def flat_loss(x):
@@ -77,7 +78,7 @@ def _ode_solve(adjoint, y0, params, t0=0.0, t1=1.0, ts=None, **kwargs):
     saveat = dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=ts)
     dtype = y0.dtype
     t0, t1 = jnp.asarray(t0, dtype), jnp.asarray(t1, dtype)
-    return dfx.diffeqsolve(
+    sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
         SOLVER,
         t0,
@@ -88,7 +89,9 @@ def _ode_solve(adjoint, y0, params, t0=0.0, t1=1.0, ts=None, **kwargs):
         adjoint=adjoint,
         saveat=saveat,
         **kwargs,
-    ).ys
+    )
+    assert sol.ys is not None
+    return sol.ys
 
 
 @pytest.mark.parametrize("t0, t1", [(1.0, 0.0), (0.5, 0.5)])
@@ -181,12 +184,14 @@ def _temp_bytes(num_steps: int) -> int:
             adjoint=dxe.ReversibleAdjoint(),
             max_steps=num_steps,
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys**2)
 
     params, static = eqx.partition(mlp, eqx.is_array)
     grad = jax.jit(jax.grad(lambda p, y: loss(eqx.combine(p, static), y)))
-    compiled = grad.lower(params, y0).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    analysis = grad.lower(params, y0).compile().memory_analysis()
+    assert analysis is not None
+    return analysis.temp_size_in_bytes
 
 
 def test_memory_does_not_grow_with_steps():
@@ -220,6 +225,7 @@ def test_parameters_closed_over_by_the_vector_field():
         sol = dfx.diffeqsolve(
             terms, SOLVER, 0.0, 1.0, 0.05, y0, adjoint=adjoint, max_steps=40
         )
+        assert sol.ys is not None
         return jnp.sum(sol.ys**2)
 
     y0, a = jnp.array([1.0, 2.0]), jnp.array(0.7)

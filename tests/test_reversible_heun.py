@@ -62,6 +62,7 @@ def test_adaptive_stepping_reaches_tolerance():
         stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
     )
     exact = jnp.exp(-jnp.sin(3.0))
+    assert sol.ys is not None
     assert jnp.abs(sol.ys[-1, 0] - exact) < 1e-4
     assert sol.stats["num_rejected_steps"] < sol.stats["num_accepted_steps"]
 

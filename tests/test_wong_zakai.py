@@ -106,13 +106,15 @@ Y0 = jnp.array([0.2, -0.4])
 def _sde_end(key):
     wz, bm = _sde_terms_and_path(key)
     terms = wz.sde_terms(bm, dfx.Heun())
-    return dfx.diffeqsolve(terms, dfx.Heun(), 0.0, 1.0, 1 / NUM_POINTS, Y0).ys[-1]
+    sol = dfx.diffeqsolve(terms, dfx.Heun(), 0.0, 1.0, 1 / NUM_POINTS, Y0)
+    assert sol.ys is not None
+    return sol.ys[-1]
 
 
 def _ode_end(key, n_modes):
     wz, bm = _sde_terms_and_path(key)
     path = dxe.KarhunenLoevePath.from_brownian(bm, n_modes, NUM_POINTS)
-    return dfx.diffeqsolve(
+    sol = dfx.diffeqsolve(
         wz.ode_terms(path),
         dfx.Tsit5(),
         0.0,
@@ -121,7 +123,9 @@ def _ode_end(key, n_modes):
         Y0,
         stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
         max_steps=100_000,
-    ).ys[-1]
+    )
+    assert sol.ys is not None
+    return sol.ys[-1]
 
 
 # diffrax 0.7 deprecates it in favour of a `lineax.DiagonalLinearOperator` vector
@@ -154,7 +158,7 @@ def _training_grad(adjoint, solver, controller, dt0):
             dt0,
             y0,
             args=args,
-            saveat=dfx.SaveAt(ts=SAVE_TS),
+            saveat=dfx.SaveAt(ts=jnp.asarray(SAVE_TS)),
             stepsize_controller=controller,
             adjoint=adjoint,
             max_steps=4096,
