@@ -10,6 +10,7 @@ moved to the end of the session (`pytest_collection_modifyitems`), by which time
 the queue is done; each waits for its process's result.
 """
 
+import concurrent.futures
 import os
 import pathlib
 import shutil
@@ -44,30 +45,28 @@ RUNS = {
         "{out}",
     ),
 }
-_NICENESS = 10
 _scratch = tempfile.TemporaryDirectory(prefix="diffrax_extras_processes_")
-_queue: list[str] = []
-_done: dict[str, threading.Event] = {}
-_returncodes: dict[str, int] = {}
-_current: list[subprocess.Popen] = []
-_stopping = threading.Event()
-_lock = threading.Lock()
-_worker: threading.Thread | None = None
+# One worker: the scripts run one after another, in the order they were queued.
+_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+_futures: dict[str, concurrent.futures.Future[int]] = {}
+_current: subprocess.Popen | None = None
+_stopping = False
+_lock = threading.Lock()  # between starting a process and `stop` killing it
+
+# Through `nice`, not a `preexec_fn`: running Python in the child between fork and
+# exec can deadlock a multithreaded parent such as JAX.
+_NICE_PATH = shutil.which("nice")
+_NICE = [_NICE_PATH, "-n", "10"] if _NICE_PATH else []
 
 
 def _folder(name: str) -> pathlib.Path:
     return pathlib.Path(_scratch.name) / name
 
 
-# Through `nice`, not a `preexec_fn`: running Python in the child between fork and
-# exec can deadlock a multithreaded parent such as JAX.
-_NICE_PATH = shutil.which("nice")
-_NICE = [_NICE_PATH, "-n", str(_NICENESS)] if _NICE_PATH else []
-
-
-def _run(name: str) -> None:
+def _run(name: str) -> int:
+    global _current
     folder = _folder(name)
-    folder.mkdir(exist_ok=True)
+    folder.mkdir()
     env = dict(
         os.environ,
         DIFFRAX_EXTRAS_TINY="1",
@@ -77,63 +76,40 @@ def _run(name: str) -> None:
     command = [arg.format(out=folder) for arg in RUNS[name]]
     # Output to files, not pipes, so that a chatty process never blocks.
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-        process = subprocess.Popen(
-            [*_NICE, sys.executable, *command],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
-        _current[:] = [process]
-        _returncodes[name] = process.wait()
-
-
-def _work() -> None:
-    while not _stopping.is_set():
         with _lock:
-            if not _queue:
-                return
-            name = _queue.pop(0)
-        try:
-            _run(name)
-        except Exception as error:  # reported by `result`, in the test that waits
-            _returncodes[name] = -1
-            (_folder(name) / "error").write_text(repr(error))
-        finally:
-            _done[name].set()
+            if _stopping:
+                return -1
+            process = _current = subprocess.Popen(
+                [*_NICE, sys.executable, *command],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=err,
+            )
+        return process.wait()
 
 
 def start(names) -> None:
     """Queues the processes of the tests `names` (those not queued yet)."""
-    global _worker
-    with _lock:
-        for name in names:
-            if name in _done or name not in RUNS:
-                continue
-            _done[name] = threading.Event()
-            _queue.append(name)
-        if _worker is None or not _worker.is_alive():
-            _worker = threading.Thread(target=_work, daemon=True)
-            _worker.start()
+    for name in names:
+        if name in RUNS and name not in _futures:
+            _futures[name] = _executor.submit(_run, name)
 
 
 def stop() -> None:
-    _stopping.set()
-    for process in _current:
-        if process.poll() is None:
-            process.kill()
-    if _worker is not None:
-        _worker.join(timeout=10)
+    global _stopping
+    with _lock:
+        _stopping = True
+        if _current is not None:
+            _current.kill()
+    _executor.shutdown(wait=True, cancel_futures=True)
     _scratch.cleanup()
 
 
 def result(name: str) -> tuple[str, pathlib.Path]:
     """The process's standard output and the folder it wrote into."""
     start([name])
-    assert _done[name].wait(timeout=1800), f"{name}: its script did not finish"
     folder = _folder(name)
-    if _returncodes[name] != 0:
-        files = (folder / "stderr", folder / "error")
-        report = [f.read_text() for f in files if f.exists()]
-        raise AssertionError("\n".join(r for r in report if r))
+    returncode = _futures[name].result(timeout=1800)
+    assert returncode == 0, (folder / "stderr").read_text()
     return (folder / "stdout").read_text(), folder

@@ -358,24 +358,20 @@ def _loop_reversible_bwd(
 def _check_reconstruction(cotangents, y0, y0_rebuilt, y_final, result, tol):
     """Raises, at run time, if the backward pass did not rebuild `y0`: the states it
     passed through on the way were then wrong too, and so is the gradient."""
-    leaves = [
-        (a, b, c)
-        for a, b, c in zip(
-            jtu.tree_leaves(y0),
-            jtu.tree_leaves(y0_rebuilt),
-            jtu.tree_leaves(y_final),
-            strict=True,
-        )
-        if eqx.is_inexact_array(a) and a.size > 0
-    ]
-    if not leaves:
-        return cotangents
-    bad = []
-    for a, b, c in leaves:
+
+    def leaf_failed(a, b, c):
+        if not eqx.is_inexact_array(a) or a.size == 0:
+            return jnp.array(False)
         scale = jnp.maximum(1, jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(c))))
         # Written so that NaN counts as a failure.
-        bad.append(~(jnp.max(jnp.abs(a - b)) <= tol * scale))
-    failed = jnp.logical_and(jnp.any(jnp.stack(bad)), result == RESULTS.successful)
+        return ~(jnp.max(jnp.abs(a - b)) <= tol * scale)
+
+    failed = jtu.tree_reduce(
+        jnp.logical_or,
+        jtu.tree_map(leaf_failed, y0, y0_rebuilt, y_final),
+        jnp.array(False),
+    )
+    failed = jnp.logical_and(failed, result == RESULTS.successful)
     return eqx.error_if(
         cotangents,
         failed,
