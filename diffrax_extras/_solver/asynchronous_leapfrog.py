@@ -185,9 +185,10 @@ class AsynchronousLeapfrog(
         y1: Y,
         args: Args,
         solver_state: _SolverState,
-        made_jump: BoolScalarLike,
+        made_jump0: BoolScalarLike,
+        made_jump1: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS]:
-        del made_jump
+        del made_jump0, made_jump1
         y0, v0, _, _ = self._reconstruct(
             terms, t0, t1, y1, solver_state, lambda t, y: (terms.vf(t, y, args), None)
         )
@@ -245,6 +246,13 @@ class AsynchronousLeapfrog(
 
     def func(self, terms: AbstractTerm, t0: RealScalarLike, y0: Y, args: Args) -> VF:
         return terms.vf(t0, y0, args)
+
+    def unstable_reconstruction_advice(self) -> str:
+        return (
+            "Each backward step divides the error of `v` by `2 * damping - 1`: use "
+            "`AsynchronousLeapfrog(damping=1.0)`, float64, or fewer steps; or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
 
 
 AsynchronousLeapfrog.__init__.__doc__ = """**Arguments:**

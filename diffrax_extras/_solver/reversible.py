@@ -241,9 +241,10 @@ class Reversible(
         y1: Y,
         args: Args,
         solver_state: _SolverState,
-        made_jump: BoolScalarLike,
+        made_jump0: BoolScalarLike,
+        made_jump1: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS]:
-        del made_jump
+        del made_jump0, made_jump1  # Every base step starts afresh: nothing is cached.
 
         def psi(x, ta, tb):
             psi, _, dense_info, result = self._increment(terms, ta, tb, x, args)
@@ -347,6 +348,14 @@ class Reversible(
         self, terms: PyTree[AbstractTerm], t0: RealScalarLike, y0: Y, args: Args
     ) -> VF:
         return self.solver.func(terms, t0, y0, args)
+
+    def unstable_reconstruction_advice(self) -> str:
+        return (
+            "Each backward step divides by the coupling: use a coupling closer to 1 "
+            "in `Reversible(..., coupling=...)` (1 is the most stable backwards), "
+            "float64, or fewer steps; or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
 
 
 Reversible.__init__.__doc__ = """**Arguments:**
