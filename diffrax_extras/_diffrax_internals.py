@@ -22,6 +22,7 @@ from diffrax._custom_types import (
 )
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState, State as State
+from diffrax._misc import linear_rescale as linear_rescale
 from diffrax._saveat import save_y as save_y
 from diffrax._term import _CallableToPath as CallableToPath, WrapTerm as WrapTerm
 
@@ -52,6 +53,7 @@ __all__ = [
     "error_if",
     "is_sde",
     "is_unsafe_sde",
+    "linear_rescale",
     "lax_inner_loop",
     "lax_outer_loop",
     "nondifferentiable",

@@ -9,6 +9,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from diffrax import UnderdampedLangevinDiffusionTerm, UnderdampedLangevinDriftTerm
 from jaxtyping import ArrayLike, PyTree
 
 from ._diffrax_internals import BoolScalarLike, RealScalarLike, unvmap_any
@@ -33,6 +34,16 @@ def refresh_if(
         return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), fresh(), old)
 
     return lax.cond(unvmap_any(pred), _fresh, lambda: old)
+
+
+_LANGEVIN_TERMS = (UnderdampedLangevinDriftTerm, UnderdampedLangevinDiffusionTerm)
+
+
+def is_underdamped_langevin(terms: PyTree) -> bool:
+    """Whether `terms` hold diffrax's underdamped Langevin terms (also when wrapped,
+    as `diffeqsolve` wraps every term)."""
+    is_langevin = lambda x: isinstance(x, _LANGEVIN_TERMS)
+    return any(is_langevin(x) for x in jtu.tree_leaves(terms, is_leaf=is_langevin))
 
 
 def zeros_cotangent(primal: PyTree) -> PyTree:

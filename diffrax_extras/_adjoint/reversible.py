@@ -368,10 +368,11 @@ def _loop_reversible_bwd(
     )
     if self.reconstruction_tol is None:
         return cotangents
+    kept = solver.reconstructed_state
     failed = _reconstruction_failed(
-        (y0, state0),
-        (carry.y, carry.solver_state),
-        (y_final, state_final),
+        (y0, kept(state0)),
+        (carry.y, kept(carry.solver_state)),
+        (y_final, kept(state_final)),
         self.reconstruction_tol,
         record.made_jump_at(0),
     )

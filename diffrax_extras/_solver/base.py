@@ -112,6 +112,13 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
 
         return y0, dense_info, solver_state0, result, pullback
 
+    def reconstructed_state(self, solver_state: _SolverState) -> PyTree:
+        """The part of a solver state that `backward_step` rebuilds exactly: all of
+        it, unless a subclass keeps something that only its error estimate reads.
+        [`diffrax_extras.ReversibleAdjoint`][] checks this part of the rebuilt initial
+        solver state against the true one."""
+        return solver_state
+
     def unstable_reconstruction_advice(self) -> str:
         """What to change when the backward pass cannot rebuild the initial state
         (named in the error [`diffrax_extras.ReversibleAdjoint`][] raises then)."""

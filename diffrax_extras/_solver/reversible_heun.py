@@ -12,7 +12,7 @@ from diffrax import (
 from jaxtyping import PyTree
 
 from .._diffrax_internals import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
-from .._misc import refresh_if
+from .._misc import is_underdamped_langevin, refresh_if
 from .base import AbstractReversibleSolver
 
 
@@ -93,6 +93,16 @@ class ReversibleHeun(
         args: Args,
     ) -> _SolverState:
         del t1
+        if is_underdamped_langevin(terms):
+            raise ValueError(
+                "`ReversibleHeun()` cannot solve underdamped Langevin dynamics: the "
+                "friction makes them dissipative, where reversible Heun is unstable "
+                "at every step size (its parasitic mode grows; diffrax's Langevin "
+                "example reaches variances of 1e6-1e10 instead of 1). Use diffrax's "
+                "Langevin solvers (`diffrax.QUICSORT`, `diffrax.ShOULD`, "
+                "`diffrax.ALIGN`), or, for a reversible solver, "
+                "`diffrax_extras.Reversible(diffrax.QUICSORT(...), coupling=0.9)`."
+            )
         return y0, terms.vf(t0, y0, args)
 
     def step(
