@@ -313,11 +313,13 @@ def fused_vjp_error(solver, kind: str = "ode") -> float:
         (y1, dense, state1),
     )
 
+    ct_y1, ct_dense, ct_state1 = cotangents
+
     def run(backward_step_vjp):
         y0_, dense_, state0_, _, pullback = backward_step_vjp(
-            solver, terms, t0, t1, y1, args, state1, False, False
+            solver, terms, t0, t1, y1, args, state1, False, False, ct_y1, ct_state1
         )
-        return (y0_, dense_, state0_), pullback(cotangents)
+        return (y0_, dense_, state0_), pullback(ct_dense)
 
     default = run(dxe.AbstractReversibleSolver.backward_step_vjp)
     fused = run(type(solver).backward_step_vjp)
