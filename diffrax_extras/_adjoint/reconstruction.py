@@ -36,30 +36,40 @@ FLOOR_POWER = 1 / 3
 STATE_FLOOR_POWER = 0.0
 
 
-def _leaf_error(true, rebuilt, final, floor_power) -> Array:
+def _leaf_scale(true, final, floor_power) -> Array | None:
     if not eqx.is_inexact_array(true) or true.size == 0:
-        return jnp.zeros(())
+        return None
     size = jnp.maximum(jnp.abs(true), jnp.abs(final))
     eps = jnp.finfo(true.dtype).eps
     floor = jnp.asarray(eps**floor_power, size.dtype) * jnp.max(size)
-    scale = jnp.maximum(size, floor)
     # Tiny in the dtype's terms: an all-zero array must compare exactly.
-    scale = jnp.maximum(scale, jnp.finfo(size.dtype).tiny)
-    error = jnp.abs(true - rebuilt) / scale
-    # NaN counts as the largest error.
-    return jnp.where(jnp.isnan(error), jnp.inf, error).max().astype(jnp.float32)
+    floor = jnp.maximum(floor, jnp.finfo(size.dtype).tiny)
+    # With no floor below the largest element, one number per array is enough.
+    return floor if floor_power == 0 else jnp.maximum(size, floor)
 
 
-def reconstruction_error(
-    true: PyTree, rebuilt: PyTree, final: PyTree, floor_power: float = FLOOR_POWER
-) -> Array:
+def reconstruction_scale(
+    true: PyTree, final: PyTree, floor_power: float = FLOOR_POWER
+) -> PyTree:
+    """What each element's error is measured against: the larger of its sizes in
+    `true` and in `final` (the state at the end of the solve), floored at
+    `eps**floor_power` times the largest such size in its array. Computed before the
+    backward pass, so that `final` need not outlive it."""
+    return jtu.tree_map(lambda a, c: _leaf_scale(a, c, floor_power), true, final)
+
+
+def reconstruction_error(true: PyTree, rebuilt: PyTree, scale: PyTree) -> Array:
     """The largest relative error of `rebuilt` against `true` over every inexact
-    array element, each measured against the larger of its sizes in `true` and
-    `final` (the state at the end of the solve), floored at `eps**floor_power` times
-    the largest such size in its array."""
-    errors = jtu.tree_map(
-        lambda a, b, c: _leaf_error(a, b, c, floor_power), true, rebuilt, final
-    )
+    array element, relative to `scale` (from `reconstruction_scale`)."""
+
+    def leaf_error(a, b, c):
+        if c is None:
+            return jnp.zeros((), jnp.float32)
+        error = jnp.abs(a - b) / c
+        # NaN counts as the largest error.
+        return jnp.where(jnp.isnan(error), jnp.inf, error).max().astype(jnp.float32)
+
+    errors = jtu.tree_map(leaf_error, true, rebuilt, scale, is_leaf=lambda x: x is None)
     return jtu.tree_reduce(jnp.maximum, errors, jnp.zeros((), jnp.float32))
 
 

@@ -30,6 +30,7 @@ from .reconstruction import (
     FLOOR_POWER,
     not_finite,
     reconstruction_error,
+    reconstruction_scale,
     RECONSTRUCTION_TOL,
     STATE_FLOOR_POWER,
 )
@@ -337,6 +338,14 @@ def _loop_reversible_bwd(
         cts = save.pull_back_trivial(cts, t0, tfinal, y_final, args)
         ct_y, ct_args, ct_fns[k] = save.pull_back_t1(cts, t0, tfinal, y_final, args)
     ct_state = materialise_cotangent(state_final, grad_final_state.solver_state)
+    # Everything the checks below need of the final state, taken now so that the
+    # backward loop can update that state in place.
+    diverged = not_finite((y_final, state_final))
+    kept = solver.reconstructed_state
+    scales = (
+        reconstruction_scale(y0, y_final),
+        reconstruction_scale(kept(state0), kept(state_final), STATE_FLOOR_POWER),
+    )
 
     carry = _BackwardCarry(
         i=record.num_steps - 1,
@@ -365,7 +374,7 @@ def _loop_reversible_bwd(
     cotangents = nan_if_failed(result, cotangents)
     cotangents = nan_or_raise(
         cotangents,
-        not_finite((y_final, state_final)),
+        diverged,
         throw,
         "The forward solve diverged: its final state is not finite (NaN or inf), "
         "so neither is its gradient. (diffrax reports such a solve as successful.) "
@@ -374,15 +383,14 @@ def _loop_reversible_bwd(
     )
     if self.reconstruction_tol is None:
         return cotangents
-    kept = solver.reconstructed_state
     failed = _reconstruction_failed(
         (y0, kept(state0)),
         (carry.y, kept(carry.solver_state)),
-        (y_final, kept(state_final)),
+        scales,
         self.reconstruction_tol,
         record.made_jump_at(0),
     )
-    healthy = (result == RESULTS.successful) & ~not_finite((y_final, state_final))
+    healthy = (result == RESULTS.successful) & ~diverged
     return nan_or_raise(
         cotangents,
         failed & healthy,
@@ -394,10 +402,14 @@ def _loop_reversible_bwd(
     )
 
 
-def _reconstruction_failed(true, rebuilt, final, tol, made_jump0):
-    (y0, state0), (y_rebuilt, state_rebuilt), (y1, state1) = true, rebuilt, final
-    y_error = reconstruction_error(y0, y_rebuilt, y1)
-    state_error = reconstruction_error(state0, state_rebuilt, state1, STATE_FLOOR_POWER)
+def _reconstruction_failed(true, rebuilt, scales, tol, made_jump0):
+    (y0, state0), (y_rebuilt, state_rebuilt), (y_scale, state_scale) = (
+        true,
+        rebuilt,
+        scales,
+    )
+    y_error = reconstruction_error(y0, y_rebuilt, y_scale)
+    state_error = reconstruction_error(state0, state_rebuilt, state_scale)
     # After a jump at t0 the first step refreshed the parts of the solver state that
     # the jump made stale; the rebuilt state holds the refreshed values.
     state_error = jnp.where(made_jump0, 0, state_error)
