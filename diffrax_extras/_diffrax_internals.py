@@ -28,6 +28,7 @@ from diffrax._term import _CallableToPath as CallableToPath, WrapTerm as WrapTer
 
 
 while_loop = eqxi.while_loop
+buffer_at_set = eqxi.buffer_at_set
 nondifferentiable = eqxi.nondifferentiable
 nondifferentiable_backward = eqxi.nondifferentiable_backward
 unvmap_any = eqxi.unvmap_any
@@ -42,6 +43,7 @@ lax_outer_loop = lax_inner_loop
 __all__ = [
     "Args",
     "BoolScalarLike",
+    "buffer_at_set",
     "CallableToPath",
     "DenseInfo",
     "RealScalarLike",
