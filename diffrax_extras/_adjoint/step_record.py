@@ -11,7 +11,7 @@ all. For a solve of `max_steps` steps that is `max_steps` times (8 bytes in floa
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -155,9 +155,11 @@ def loop_and_record_steps(
             return [*([] if buffers is None else [buffers(state)]), *own]
 
         carry = (init_val, tnext, flags, jump_tprev, jnp.array(0, jnp.int32))
-        final_state, tnext, flags, jump_tprev, _ = while_loop(
+        out = while_loop(
             _cond, _body, carry, max_steps=max_steps, buffers=_buffers, kind="lax"
         )
+        # Plain arrays again once the loop is done.
+        final_state, tnext, flags, jump_tprev, _ = cast(tuple[Any, ...], out)
         records.append(
             StepRecord(
                 t0=jnp.asarray(init_val.tprev),
