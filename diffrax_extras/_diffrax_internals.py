@@ -6,9 +6,10 @@ these behaviours of diffrax's private code, each checked by
 `tests/test_diffrax_internals.py` so that an upgrade that changes one fails there:
 
 1. `diffrax._integrate.loop` runs its solve in one call of the `outer_while_loop` it
-   is given, `outer_while_loop(cond_fun, body_fun, init_val, max_steps=..., buffers=...)`,
-   over a `State` with `tprev`, `tnext`, `made_jump`, `num_accepted_steps`, `y` and
-   `solver_state`; `made_jump` is a Python bool when it cannot change.
+   is given, as `outer_while_loop(cond_fun, body_fun, init_val, max_steps=...,
+   buffers=...)`, over a `State` with `tprev`, `tnext`, `made_jump`,
+   `num_accepted_steps`, `y` and `solver_state`; `made_jump` is a Python bool when it
+   cannot change.
    (`_adjoint/step_record.py`)
 2. It writes a `SubSaveAt`'s outputs in this order: `t0`; after each accepted step
    the `ts` that the step reached (`ts[k] <= tnext`), then the every-`steps`-th
