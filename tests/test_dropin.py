@@ -23,10 +23,9 @@ import pytest
 
 import diffrax_extras as dxe
 
-from .helpers import max_relative_error
+from .helpers import EXACT, max_relative_error
 
 
-EXACT = 1e-10  # float64; the adjoint reconstructs states to rounding error only
 F64 = jnp.float64
 SOLVERS: dict[str, Callable[[], dfx.AbstractSolver]] = {
     "ReversibleHeun": dxe.ReversibleHeun,
