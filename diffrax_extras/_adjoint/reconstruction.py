@@ -18,8 +18,8 @@ The tolerance and the floors were chosen from 106 measured cases (the table in
 `docs/reliability.md`, from `benchmarks/reconstruction_check.py`). No choice separates
 every right gradient from every wrong one: how wrong a gradient is for a given error
 in the rebuilt state depends on how sensitive the gradient is to the path, which
-ranged over seven orders of magnitude. The default misses 3 of 44 wrong gradients and
-refuses 10 of 53 right ones.
+ranged over seven orders of magnitude. The default misses 5 of 44 wrong gradients and
+refuses 11 of 53 right ones.
 """
 
 import equinox as eqx
