@@ -33,7 +33,7 @@ RUNS = {
         "examples/sde_gan.py",
         "--both",
     ),
-    "test_sharded_batch_matches_unsharded": ("tests/sharding_script.py",),
+    "test_sharded_batch_matches_unsharded": ("-m", "tests.sharding_script"),
     "test_runner_writes_every_row": (
         "-m",
         "benchmarks",
