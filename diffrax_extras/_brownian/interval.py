@@ -46,7 +46,7 @@ class _Point(eqx.Module):
 
     Each time is measured from whichever end of its piece is nearer, where its
     distance is exact, and keeps that end all the way down the tree: halving a node
-    doubles `d` or takes `2d - 1` from it, both exact in floating point. The distance
+    replaces `d` by `2d` or `2d - 1`, both exact in floating point. The distance
     to the other end of a node, `1 - d`, is exact whenever it is the smaller of the
     two, so every split knows the shorter of its two parts exactly.
     """
