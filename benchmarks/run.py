@@ -331,11 +331,17 @@ def chart(name, data, path):
             for r in p["timing"]
             if not r.get("skipped") and r["side"] == "peer"
         ]
-        labels = [
-            f"{r['problem'].split(' (')[0]}, {r['threads']} thread(s)" for r in rows
-        ]
+
+        def peer_label(r):
+            peer = r["configuration"].split(" (")[0]
+            peer += ", seminorm" if "seminorm" in r["configuration"] else ""
+            problem = r["problem"].split(" (")[0].split(" consecutive")[0]
+            return f"{peer}: {problem.split(', ')[-1]}, threads {r['threads']}"
+
+        labels = [peer_label(r) for r in rows]
         series = {"peer's time / ours": [r["peer_over_ours"] for r in rows]}
-        bar_chart(path, SECTIONS[name], labels, series, "x (above 1: ours faster)")
+        title = "The PyTorch peers: their time / ours"
+        bar_chart(path, title, labels, series, "x (above 1: ours faster)", log=True)
     elif name == "gradient_error":
         rows = data["adjoints"]
         labels = [f"{r['solver']} + {r['adjoint']}" for r in rows]
