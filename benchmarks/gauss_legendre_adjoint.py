@@ -184,6 +184,7 @@ CASES = {
     "full": [(64, None), (256, None), (1024, None), (2048, None), (64, 128)],
     "quick": [(64, None), (1024, None)],
     "tiny": [(8, None)],
+    "device": [(1024, None), (4096, None), (256, 1024)],
 }
 
 

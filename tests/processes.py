@@ -44,6 +44,21 @@ RUNS = {
         "--out",
         "{out}",
     ),
+    # The tiny form of the GPU run, on two of its sections (the runner test above
+    # covers the others' tiny sizes).
+    "test_device_tiny_form_writes_its_report": (
+        "-m",
+        "benchmarks",
+        "--device",
+        "--mode",
+        "tiny",
+        "--repeats",
+        "1",
+        "--sections",
+        "brownian,reversible_adjoint",
+        "--out",
+        "{out}",
+    ),
 }
 _scratch = tempfile.TemporaryDirectory(prefix="diffrax_extras_processes_")
 # One worker: the scripts run one after another, in the order they were queued.
