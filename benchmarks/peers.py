@@ -34,8 +34,9 @@ Each thread count and each precision runs in its own process.
   torch_gq_adjoint's own 1-D example likewise.
 - Gradient exactness of each against its own library's backpropagation through the
   same solve (torchsde `sdeint`, TorchDiffEqPack `odesolve`, torchdiffeq `odeint`,
-  diffrax `RecursiveCheckpointAdjoint` with a checkpoint at every fixed step), in float32 and float64, with the same
-  Brownian sample on both sides of each comparison.
+  diffrax `RecursiveCheckpointAdjoint` with a checkpoint at every fixed step), in
+  float32 and float64, with the same Brownian sample on both sides of each
+  comparison.
 
 Times are medians of interleaved pairs (ours, then the peer, repeated) after one
 warm-up call each; the JAX side is compiled first. Compile time and the warm-up call

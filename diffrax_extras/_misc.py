@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from diffrax import UnderdampedLangevinDiffusionTerm, UnderdampedLangevinDriftTerm
-from jaxtyping import ArrayLike, PyTree
+from jaxtyping import Array, ArrayLike, PyTree
 
 from ._diffrax_internals import BoolScalarLike, RealScalarLike, unvmap_any
 
@@ -139,6 +139,38 @@ def check_in_interval(
     if not np.all((c_value > c_lower) & (c_value <= c_upper)):
         raise ValueError(msg.format(value))
     return value
+
+
+def check_integer(value, name: str, minimum: int, advice: str = "") -> int:
+    """An integer option of at least `minimum`, else an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"`{name}` must be an integer of at least {minimum}, but got {value!r}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be at least {minimum}, but got {value}."
+            + (f" {advice}" if advice else "")
+        )
+    return int(value)
+
+
+def path_times(t0, t1, *others) -> tuple[Array, ...]:
+    """A path's `t0`, `t1` (and further times such as a tolerance or a step) in one
+    floating dtype, promoted as JAX promotes them, with `t0 < t1` checked."""
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(t0, t1, *others, float)
+    t0, t1, *rest = (jnp.asarray(x, dtype) for x in (t0, t1, *others))
+    t1 = check_in_interval(
+        t1,
+        "t1",
+        t0,
+        np.inf,
+        "The interval must not be empty.",
+        lower_name="t0",
+        upper_name="inf",
+    )
+    return (t0, t1, *rest)
 
 
 def path_shape(shape: tuple[int, ...] | PyTree[jax.ShapeDtypeStruct]) -> PyTree:

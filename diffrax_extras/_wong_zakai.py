@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-import numpy as np
 from diffrax import (
     AbstractBrownianPath,
     AbstractItoSolver,
@@ -18,18 +17,10 @@ from diffrax import (
 from jaxtyping import Array, Inexact, PRNGKeyArray, PyTree, Real
 
 from ._diffrax_internals import RealScalarLike
-from ._misc import check_in_interval, path_shape
+from ._misc import check_integer, path_shape, path_times
 
 
-def _check_n_modes(n_modes: int) -> int:
-    if isinstance(n_modes, bool) or not isinstance(n_modes, (int, np.integer)):
-        raise TypeError(f"`n_modes` must be a positive integer, but got {n_modes!r}.")
-    if n_modes < 1:
-        raise ValueError(
-            f"`n_modes` must be at least 1, but got {n_modes}. More modes give a "
-            "rougher path, closer to Brownian motion."
-        )
-    return int(n_modes)
+_MORE_MODES = "More modes give a rougher path, closer to Brownian motion."
 
 
 class KarhunenLoevePath(AbstractPath):
@@ -96,7 +87,7 @@ class KarhunenLoevePath(AbstractPath):
         - `key`: a JAX random key; the coefficients are drawn from it.
         - `n_modes`: the number of terms of the series.
         """
-        n_modes = _check_n_modes(n_modes)
+        n_modes = check_integer(n_modes, "n_modes", 1, _MORE_MODES)
         shape = path_shape(shape)
         leaves, treedef = jtu.tree_flatten(shape)
         keys = jr.split(key, len(leaves))
@@ -104,7 +95,7 @@ class KarhunenLoevePath(AbstractPath):
             jr.normal(k, (n_modes, *s.shape), s.dtype)
             for k, s in zip(keys, leaves, strict=True)
         ]
-        self.t0, self.t1 = _times(t0, t1)
+        self.t0, self.t1 = path_times(t0, t1)
         self.coefficients = jtu.tree_unflatten(treedef, coefficients)
 
     @classmethod
@@ -135,12 +126,9 @@ class KarhunenLoevePath(AbstractPath):
                 f"such as `diffrax_extras.BrownianInterval`), but got "
                 f"{type(brownian).__name__}."
             )
-        n_modes = _check_n_modes(n_modes)
-        if isinstance(num_points, bool) or not isinstance(num_points, int):
-            raise TypeError(f"`num_points` must be an integer, got {num_points!r}.")
-        if num_points < 1:
-            raise ValueError(f"`num_points` must be at least 1, got {num_points}.")
-        t0, t1 = _times(brownian.t0, brownian.t1)
+        n_modes = check_integer(n_modes, "n_modes", 1, _MORE_MODES)
+        num_points = check_integer(num_points, "num_points", 1)
+        t0, t1 = path_times(brownian.t0, brownian.t1)
         grid = jnp.linspace(t0, t1, num_points + 1)
         increments = jax.vmap(brownian.evaluate)(grid[:-1], grid[1:])
         phi = jax.vmap(lambda t: _basis(t0, t1, n_modes, t)[0])(grid)
@@ -183,22 +171,6 @@ class KarhunenLoevePath(AbstractPath):
         del left
         _, psi = _basis(self.t0, self.t1, self.n_modes, t)
         return self._combine(psi)
-
-
-def _times(t0, t1) -> tuple[Array, Array]:
-    with jax.numpy_dtype_promotion("standard"):
-        dtype = jnp.result_type(t0, t1, float)
-    t0, t1 = jnp.asarray(t0, dtype), jnp.asarray(t1, dtype)
-    t1 = check_in_interval(
-        t1,
-        "t1",
-        t0,
-        np.inf,
-        "The interval must not be empty.",
-        lower_name="t0",
-        upper_name="inf",
-    )
-    return t0, t1
 
 
 def _basis(t0, t1, n_modes: int, t) -> tuple[Array, Array]:

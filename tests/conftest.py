@@ -43,16 +43,16 @@ def _release_compiled_programs():
 
 def pytest_collection_modifyitems(session, config, items):
     # The tests of scripts run in the background go last; see tests/processes.py.
-    from .processes import RUNS
+    from .processes import scripts_of
 
-    items.sort(key=lambda item: item.name in RUNS)
+    items.sort(key=lambda item: bool(scripts_of(item)))
 
 
 def pytest_collection_finish(session):
     # Start the selected tests' scripts now; see tests/processes.py.
     from . import processes
 
-    processes.start([item.name for item in session.items])
+    processes.start([n for item in session.items for n in processes.scripts_of(item)])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -7,7 +7,8 @@ They are queued as soon as collection ends (by `pytest_collection_finish` in
 thread: XLA compiles on one thread, so the suite's other core would otherwise sit
 idle, while running them all at once would starve the test process. Their tests are
 moved to the end of the session (`pytest_collection_modifyitems`), by which time
-the queue is done; each waits for its process's result.
+the queue is done; each waits for its process's result. A test names its script
+with `@pytest.mark.script(name)`, a key of `RUNS`.
 """
 
 import concurrent.futures
@@ -21,20 +22,17 @@ import threading
 
 
 ROOT = pathlib.Path(__file__).parent.parent
-# Test name -> the command's arguments after `python`; `{out}` is the process's folder.
+# Script name -> the command's arguments after `python`; `{out}` is the process's
+# folder. A test asks for one with `@pytest.mark.script(name)` and reads it with
+# `result(name)`.
 RUNS = {
-    "test_quickstart_runs_and_saves_its_plot": ("examples/quickstart.py",),
-    "test_reversible_stability_runs_and_saves_its_plot": (
-        "examples/reversible_stability.py",
-    ),
-    "test_wong_zakai_ou_runs_and_saves_its_plot": ("examples/wong_zakai_ou.py",),
-    "test_neural_cde_runs_and_saves_its_plot": ("examples/neural_cde.py",),
-    "test_sde_gan_runs_both_variants_and_saves_its_plots": (
-        "examples/sde_gan.py",
-        "--both",
-    ),
-    "test_sharded_batch_matches_unsharded": ("-m", "tests.sharding_script"),
-    "test_runner_writes_every_row": (
+    "quickstart": ("examples/quickstart.py",),
+    "reversible_stability": ("examples/reversible_stability.py",),
+    "wong_zakai_ou": ("examples/wong_zakai_ou.py",),
+    "neural_cde": ("examples/neural_cde.py",),
+    "sde_gan": ("examples/sde_gan.py", "--both"),
+    "sharding": ("-m", "tests.sharding_script"),
+    "benchmarks_tiny": (
         "-m",
         "benchmarks",
         "--mode",
@@ -44,9 +42,9 @@ RUNS = {
         "--out",
         "{out}",
     ),
-    # The tiny form of the GPU run, on two of its sections (the runner test above
-    # covers the others' tiny sizes).
-    "test_device_tiny_form_writes_its_report": (
+    # The tiny form of the GPU run, on two of its sections (the runner's tiny run
+    # above covers the others' tiny sizes).
+    "benchmarks_device_tiny": (
         "-m",
         "benchmarks",
         "--device",
@@ -104,10 +102,19 @@ def _run(name: str) -> int:
         return process.wait()
 
 
+def scripts_of(item) -> list[str]:
+    """The scripts a collected test asks for with `@pytest.mark.script(...)`."""
+    names = [n for mark in item.iter_markers("script") for n in mark.args]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise ValueError(f"{item.nodeid} asks for unknown scripts {unknown}.")
+    return names
+
+
 def start(names) -> None:
-    """Queues the processes of the tests `names` (those not queued yet)."""
+    """Queues the scripts `names` (those not queued yet), in order."""
     for name in names:
-        if name in RUNS and name not in _futures:
+        if name not in _futures:
             _futures[name] = _executor.submit(_run, name)
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from .processes import result, ROOT
 
 
@@ -42,8 +44,9 @@ SECTION_ROWS = {
 PAPER_FIGURES = ["1.98x", "10.6x", "1.87x"]
 
 
+@pytest.mark.script("benchmarks_tiny")
 def test_runner_writes_every_row():
-    _, folder = result("test_runner_writes_every_row")
+    _, folder = result("benchmarks_tiny")
     report = (folder / "results_tiny.md").read_text()
     data = json.loads((folder / "results_tiny.json").read_text())
 
@@ -129,12 +132,13 @@ def test_device_mode_has_sizes_in_every_section():
     assert min(grid) == 1000 and max(grid) == 100_000
 
 
+@pytest.mark.script("benchmarks_device_tiny")
 def test_device_tiny_form_writes_its_report():
     """The tiny form of the GPU run (`--device --mode tiny`) writes
     `results_gpu_tiny.{md,json}` naming the device, with the reversible adjoint's
     time and memory against `RecursiveCheckpointAdjoint` and the Brownian rows, and
     names the sections it left out."""
-    _, folder = result("test_device_tiny_form_writes_its_report")
+    _, folder = result("benchmarks_device_tiny")
     report = (folder / "results_gpu_tiny.md").read_text()
     data = json.loads((folder / "results_gpu_tiny.json").read_text())
     assert f"Device: {data['device']}." in report

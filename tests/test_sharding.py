@@ -4,11 +4,14 @@ early; see `tests/processes.py`), since the device count is fixed when JAX start
 
 import json
 
+import pytest
+
 from .processes import result
 
 
+@pytest.mark.script("sharding")
 def test_sharded_batch_matches_unsharded():
-    out, _ = result("test_sharded_batch_matches_unsharded")
+    out, _ = result("sharding")
     report = json.loads(out.strip().splitlines()[-1])
     assert report["devices"] == 4 and report["input_devices"] == 4
     # Each device solves its own samples with the same program; only the mean's

@@ -15,7 +15,7 @@ from diffrax import (
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Real
 
 from .._diffrax_internals import levy_tree_transpose, nondifferentiable, RealScalarLike
-from .._misc import check_in_interval, path_shape
+from .._misc import check_in_interval, path_shape, path_times
 from . import levy as lv
 
 
@@ -247,21 +247,11 @@ class BrownianInterval(AbstractBrownianPath):
                 f"but got {levy_area}."
             )
         shape = path_shape(shape)
-        with jax.numpy_dtype_promotion("standard"):
-            times = [t0, t1, tol] + ([] if dt is None else [dt])
-            time_dtype = jnp.result_type(*times, float)
-        t0, t1, tol = (jnp.asarray(x, time_dtype) for x in (t0, t1, tol))
-        t1 = check_in_interval(
-            t1,
-            "t1",
-            t0,
-            np.inf,
-            "The interval must not be empty.",
-            lower_name="t0",
-            upper_name="inf",
-        )
+        given = [] if dt is None else [dt]
+        t0, t1, tol, *given = path_times(t0, t1, tol, *given)
+        time_dtype = t0.dtype
         length = t1 - t0
-        dt = length if dt is None else jnp.asarray(dt, time_dtype)
+        dt = given[0] if given else length
         dt = check_in_interval(
             dt,
             "dt",
