@@ -11,6 +11,7 @@ from typing import Any
 import equinox as eqx
 import equinox.internal as eqxi
 import jax.numpy as jnp
+from diffrax import RESULTS
 from diffrax._adjoint import (
     _nondiff_solver_controller_state as nondiff_solver_controller_state,
     _only_transpose_ys as only_transpose_ys,
@@ -27,7 +28,11 @@ from diffrax._custom_types import (
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState, State as State
 from diffrax._saveat import save_y as save_y
-from diffrax._term import WrapTerm as WrapTerm
+from diffrax._term import (
+    _CallableToPath as CallableToPath,
+    _ControlToODE as ControlToODE,
+    WrapTerm as WrapTerm,
+)
 from jaxtyping import Array, Bool, Int, Real
 
 
@@ -124,8 +129,20 @@ def loop_and_record_steps(
     return final_state, aux_stats, record
 
 
+def result_messages() -> list[str]:
+    """The message of every `diffrax.RESULTS` item, indexed by `result_index`."""
+    return list(RESULTS._index_to_message)
+
+
+def result_index(result: Any) -> Any:
+    """The index of a (possibly traced) `diffrax.RESULTS` item in `result_messages`."""
+    return result._value
+
+
 __all__ = [
     "Args",
+    "CallableToPath",
+    "ControlToODE",
     "BoolScalarLike",
     "DenseInfo",
     "RealScalarLike",
@@ -145,6 +162,8 @@ __all__ = [
     "nondiff_solver_controller_state",
     "nondifferentiable_backward",
     "only_transpose_ys",
+    "result_index",
+    "result_messages",
     "save_y",
     "unvmap_any",
     "while_loop",
