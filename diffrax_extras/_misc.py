@@ -1,19 +1,49 @@
 """PyTree and argument-checking helpers shared by the solvers and the adjoints."""
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from diffrax import UnderdampedLangevinDiffusionTerm, UnderdampedLangevinDriftTerm
 from jaxtyping import ArrayLike, PyTree
 
-from ._diffrax_internals import RealScalarLike
+from ._diffrax_internals import BoolScalarLike, RealScalarLike, unvmap_any
 
 
 def _is_none(x) -> bool:
     return x is None
+
+
+def refresh_if(
+    pred: BoolScalarLike, fresh: Callable[[], PyTree], old: PyTree
+) -> PyTree:
+    """`fresh()` where `pred`, else `old`: the vector field re-evaluated after a jump.
+
+    Under `jax.vmap` a `lax.cond` with a batched predicate evaluates both branches,
+    which would evaluate the vector field at every step of every batch member; jumps
+    are rare, so the branch is skipped unless some member jumped.
+    """
+    pred = jnp.asarray(pred)
+
+    def _fresh():
+        return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), fresh(), old)
+
+    return lax.cond(unvmap_any(pred), _fresh, lambda: old)
+
+
+_LANGEVIN_TERMS = (UnderdampedLangevinDriftTerm, UnderdampedLangevinDiffusionTerm)
+
+
+def is_underdamped_langevin(terms: PyTree) -> bool:
+    """Whether `terms` hold diffrax's underdamped Langevin terms (also when wrapped,
+    as `diffeqsolve` wraps every term)."""
+    is_langevin = lambda x: isinstance(x, _LANGEVIN_TERMS)
+    return any(is_langevin(x) for x in jtu.tree_leaves(terms, is_leaf=is_langevin))
 
 
 def zeros_cotangent(primal: PyTree) -> PyTree:

@@ -265,7 +265,7 @@ def forward_then_back(solver, terms, y0, args, ts, made_jumps):
     for i in reversed(range(len(ts) - 1)):
         jump_at_t1 = made_jumps[i + 1] if i + 1 < len(ts) - 1 else False
         y, dense, state, _ = solver.backward_step(
-            terms, ts[i], ts[i + 1], y, args, state, jump_at_t1
+            terms, ts[i], ts[i + 1], y, args, state, made_jumps[i], jump_at_t1
         )
         backward.append(dense)
     return y, forward, backward[::-1]
@@ -344,7 +344,7 @@ def reconstruction_error(solver, kind: str = "ode", num_steps: int = 1000) -> fl
         def bwd(carry, i):
             y, state = carry
             y, _, state, _ = solver.backward_step(
-                terms, ts[i], ts[i + 1], y, args, state, False
+                terms, ts[i], ts[i + 1], y, args, state, False, False
             )
             return (y, state), None
 

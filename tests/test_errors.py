@@ -142,6 +142,57 @@ def _filtered_linear():
     )
 
 
+def _ra_loss(a, *, solver=None, controller=None, dt0=0.1):
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -args * y),
+        dxe.ReversibleHeun() if solver is None else solver,
+        0.0,
+        1.0,
+        dt0,
+        jnp.array([1.0]),
+        args=a,
+        adjoint=_RA,
+        stepsize_controller=dfx.ConstantStepSize()
+        if controller is None
+        else controller,
+        max_steps=64,
+    )
+    assert sol.ys is not None
+    return jnp.sum(sol.ys)
+
+
+def _ra_setting_gradient(name):
+    """The gradient with respect to a setting that is not differentiable."""
+
+    def loss(x):
+        if name == "jump_ts":
+            controller = dfx.ClipStepSizeController(
+                dfx.PIDController(rtol=1e-3, atol=1e-6), jump_ts=jnp.stack([x])
+            )
+            return _ra_loss(jnp.array(1.0), controller=controller)
+        if name == "rtol":
+            return _ra_loss(
+                jnp.array(1.0), controller=dfx.PIDController(rtol=x, atol=1e-6)
+            )
+        if name == "dt0":
+            return _ra_loss(jnp.array(1.0), dt0=x)
+        return _ra_loss(jnp.array(1.0), solver=dxe.Reversible(dfx.Heun(), coupling=x))
+
+    jax.grad(loss)(jnp.asarray({"jump_ts": 0.5, "rtol": 1e-3}.get(name, 0.1)))
+
+
+def _langevin(solver):
+    bm = dfx.VirtualBrownianTree(
+        0.0, 1.0, 1e-3, (1,), jr.key(0), levy_area=dfx.SpaceTimeTimeLevyArea
+    )
+    gamma, u = jnp.array(1.0), jnp.array(1.0)
+    terms = dfx.MultiTerm(
+        dfx.UnderdampedLangevinDriftTerm(gamma, u, lambda x, args: x),
+        dfx.UnderdampedLangevinDiffusionTerm(gamma, u, bm),
+    )
+    return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, (jnp.zeros(1), jnp.zeros(1)))
+
+
 # (object, bad input) -> (thunk, exception type, message pattern)
 CASES = {
     # ReversibleHeun, AsynchronousLeapfrog, Reversible
@@ -270,6 +321,56 @@ CASES = {
         lambda: _time_gradient("saveat.ts"),
         RuntimeError,
         "differentiate with respect to `saveat.ts`",
+    ),
+    "ReversibleAdjoint under jax.jvp": (
+        lambda: jax.jvp(_ra_loss, (jnp.array(1.0),), (jnp.array(1.0),)),
+        TypeError,
+        r"reverse mode only.*diffrax.ForwardMode",
+    ),
+    "ReversibleAdjoint under jax.jacfwd": (
+        lambda: jax.jacfwd(_ra_loss)(jnp.array(1.0)),
+        TypeError,
+        r"reverse mode only.*diffrax.ForwardMode",
+    ),
+    "ReversibleAdjoint under jax.hessian": (
+        lambda: jax.hessian(_ra_loss)(jnp.array(1.0)),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
+    "ReversibleAdjoint, grad of grad": (
+        lambda: jax.grad(jax.grad(_ra_loss))(jnp.array(1.0)),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
+    "ReversibleAdjoint gradient w.r.t. jump_ts": (
+        lambda: _ra_setting_gradient("jump_ts"),
+        RuntimeError,
+        "step size controller's parameters",
+    ),
+    "ReversibleAdjoint gradient w.r.t. rtol": (
+        lambda: _ra_setting_gradient("rtol"),
+        RuntimeError,
+        "step size controller's parameters",
+    ),
+    "ReversibleAdjoint gradient w.r.t. dt0": (
+        lambda: _ra_setting_gradient("dt0"),
+        RuntimeError,
+        "differentiate with respect to `dt0`",
+    ),
+    "ReversibleAdjoint gradient w.r.t. the coupling": (
+        lambda: _ra_setting_gradient("coupling"),
+        RuntimeError,
+        r"parameters of `solver=Reversible",
+    ),
+    "ReversibleAdjoint with HalfSolver(ReversibleHeun())": (
+        lambda: _ode(solver=dfx.HalfSolver(dxe.ReversibleHeun()), adjoint=_RA),
+        ValueError,
+        r"HalfSolver\(ReversibleHeun\(...\)\)` is not one.*solver=ReversibleHeun\(\)",
+    ),
+    "ReversibleHeun on underdamped Langevin terms": (
+        lambda: _langevin(dxe.ReversibleHeun()),
+        ValueError,
+        "underdamped Langevin.*QUICSORT",
     ),
     # GaussLegendreAdjoint
     "GaussLegendreAdjoint n_nodes=0": (
@@ -486,3 +587,8 @@ def test_bad_input_raises_a_clear_error(name):
     make, error, match = CASES[name]
     with pytest.raises(error, match=match):
         make()
+
+
+def test_default_coupling_on_langevin_dynamics_warns():
+    with pytest.warns(UserWarning, match="coupling well below 1"):
+        _langevin(dxe.Reversible(dfx.QUICSORT(100.0)))

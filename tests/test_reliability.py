@@ -5,7 +5,8 @@
   differentiate the part of the solve that ran, and return a finite, wrong number).
   The same holds for `GaussLegendreAdjoint`'s own backward solve.
 - A backward pass that cannot rebuild the initial state (running the solver backwards
-  is unstable) raises instead of returning the wrong gradient it would give.
+  is unstable) raises instead of returning the wrong gradient it would give, or with
+  `throw=False` gives NaN; so does a forward solve that overflowed.
 - The same key and inputs give bitwise the same values and gradients on every run,
   under `jit` and `vmap`.
 """
@@ -106,12 +107,43 @@ def test_failing_backward_solve_raises_or_gives_nan_gradient():
         jax.block_until_ready(gradient(True))
 
 
-def test_unstable_reconstruction_raises():
+def test_overflowing_forward_solve_gives_nan_gradient_or_raises():
+    """y' = y^3 from y = 2 blows up at t = 1/8; fixed steps overflow to inf and NaN
+    with diffrax reporting success. The gradient is NaN, as with
+    `RecursiveCheckpointAdjoint`, or with `throw=True` an error that says so (not
+    one that blames the reconstruction)."""
+
+    def gradient(adjoint, throw):
+        def loss(a):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, a: a * y**3),
+                dxe.ReversibleHeun(),
+                0.0,
+                1.0,
+                0.01,
+                jnp.array([2.0]),
+                args=a,
+                adjoint=adjoint,
+                max_steps=100,
+                throw=throw,
+            )
+            assert sol.ys is not None
+            return jnp.sum(sol.ys)
+
+        return jax.jit(jax.grad(loss))(jnp.array(1.0))
+
+    assert np.isnan(gradient(dfx.RecursiveCheckpointAdjoint(), True))
+    assert np.isnan(gradient(dxe.ReversibleAdjoint(), False))
+    with pytest.raises(Exception, match="forward solve diverged"):
+        jax.block_until_ready(gradient(dxe.ReversibleAdjoint(), True))
+
+
+def test_unstable_reconstruction_raises_or_gives_nan():
     """Damping 0.6 makes the asynchronous leapfrog's inverse step expand errors by
     about 1/0.6 per step: after 50 steps the rebuilt states, and the gradient taken
     along them, are far off."""
 
-    def gradient(adjoint):
+    def gradient(adjoint, throw=True):
         def loss(a):
             sol = dfx.diffeqsolve(
                 dfx.ODETerm(lambda t, y, a: jnp.tanh(a @ y)),
@@ -123,6 +155,7 @@ def test_unstable_reconstruction_raises():
                 args=a,
                 adjoint=adjoint,
                 max_steps=50,
+                throw=throw,
             )
             assert sol.ys is not None
             return jnp.sum(sol.ys**2)
@@ -136,6 +169,8 @@ def test_unstable_reconstruction_raises():
     assert np.max(np.abs(unchecked - exact)) > 0.1 * np.max(np.abs(exact))
     with pytest.raises(Exception, match="could not reconstruct the initial state"):
         jax.block_until_ready(gradient(dxe.ReversibleAdjoint()))
+    # With `throw=False` nothing raises, and the gradient says it cannot be trusted.
+    assert np.all(np.isnan(gradient(dxe.ReversibleAdjoint(), throw=False)))
 
 
 def _neural_sde_loss(key, params, static):

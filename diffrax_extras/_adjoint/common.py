@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax import AbstractTerm, RESULTS, SaveAt, SubSaveAt
 
-from .._diffrax_internals import nondifferentiable, RealScalarLike
+from .._diffrax_internals import (
+    CallableToPath,
+    error_if,
+    nondifferentiable,
+    RealScalarLike,
+)
 
 
 def is_subsaveat(x: Any) -> bool:
@@ -16,6 +21,12 @@ def is_subsaveat(x: Any) -> bool:
 
 def is_none(x: Any) -> bool:
     return x is None
+
+
+def _is_callable_control(x: Any) -> bool:
+    # A `ControlTerm` wraps a control given as a function in a path whose `fn` is that
+    # function, which may close over arrays like a vector field.
+    return isinstance(x, CallableToPath) and not isinstance(x.fn, eqx.Module)
 
 
 def _has_function_vector_field(x: Any) -> bool:
@@ -47,7 +58,29 @@ def closure_convert_terms(terms: Any, t0: Any, y0: Any, args: Any) -> Any:
         fn = eqx.filter_closure_convert(term.vector_field, t0, y0, args)
         return eqx.tree_at(lambda x: x.vector_field, term, fn)
 
+    def convert_control(path):
+        if not _is_callable_control(path):
+            return path
+        fn = eqx.filter_closure_convert(path.fn, t0, t0)
+        return eqx.tree_at(lambda x: x.fn, path, fn)
+
+    terms = jtu.tree_map(convert_control, terms, is_leaf=_is_callable_control)
     return jtu.tree_map(convert, terms, is_leaf=_has_function_vector_field)
+
+
+def closure_convert_saveat(saveat: SaveAt, t0: Any, y0: Any, args: Any) -> SaveAt:
+    """Makes every array that a `SubSaveAt.fn` closes over an explicit leaf of
+    `saveat`, as `closure_convert_terms` does for vector fields: a trained read-out
+    `fn=lambda t, y, args: readout(y)` then gets its gradient. (diffrax itself wraps
+    each `fn` in a closure over the time direction.)"""
+
+    def convert(sub):
+        if not is_subsaveat(sub):
+            return sub
+        fn = eqx.filter_closure_convert(sub.fn, t0, y0, args)
+        return eqx.tree_at(lambda s: s.fn, sub, fn)
+
+    return jtu.tree_map(convert, saveat, is_leaf=is_subsaveat)
 
 
 def nan_if_failed(result: RESULTS, cotangents: Any) -> Any:
@@ -59,6 +92,21 @@ def nan_if_failed(result: RESULTS, cotangents: Any) -> Any:
     def fill(x):
         if eqx.is_inexact_array(x):
             return jnp.where(failed, jnp.nan, x)
+        return x
+
+    return jtu.tree_map(fill, cotangents)
+
+
+def nan_or_raise(cotangents: Any, pred: Any, throw: bool, msg: str) -> Any:
+    """Where `pred`, the cotangents cannot be trusted: with `throw`, an error with
+    `msg` at run time; otherwise NaN in every inexact array, never a plausible
+    wrong number."""
+    if throw:
+        return error_if(cotangents, pred, msg)
+
+    def fill(x):
+        if eqx.is_inexact_array(x):
+            return jnp.where(pred, jnp.nan, x)
         return x
 
     return jtu.tree_map(fill, cotangents)
@@ -93,6 +141,45 @@ def nondifferentiable_times(
         ),
     )
     return t0, t1, saveat
+
+
+def _not_differentiable(adjoint: str, name: str) -> str:
+    return (
+        f"`{adjoint}()` cannot differentiate with respect to {name}. Wrap it in "
+        "`jax.lax.stop_gradient`, or use "
+        "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for this gradient."
+    )
+
+
+def nondifferentiable_settings(
+    adjoint: str, solver: Any, stepsize_controller: Any, dt0: Any, init_state: Any
+) -> tuple[Any, Any, Any, Any]:
+    """Marks the solver's and the step size controller's own arrays, `dt0`, and the
+    first step's times as not differentiable, so that asking for their gradient (a
+    `jump_ts` that is being trained, say) raises an error naming them, at trace
+    time, instead of equinox's "Unexpected tangent" from inside the adjoint."""
+    solver = nondifferentiable(
+        solver,
+        msg=_not_differentiable(
+            adjoint, f"the parameters of `solver={type(solver).__name__}(...)`"
+        ),
+    )
+    stepsize_controller = nondifferentiable(
+        stepsize_controller,
+        msg=_not_differentiable(
+            adjoint,
+            "the step size controller's parameters (such as `jump_ts`, `step_ts`, "
+            "`rtol` and `atol`)",
+        ),
+    )
+    msg = _not_differentiable(adjoint, "`dt0`")
+    dt0 = nondifferentiable(dt0, msg=msg)
+    init_state = eqx.tree_at(
+        lambda s: (s.tprev, s.tnext),
+        init_state,
+        replace_fn=lambda t: nondifferentiable(t, msg=msg),
+    )
+    return solver, stepsize_controller, dt0, init_state
 
 
 def check_no_event(adjoint: str, event: Any, why: str) -> None:

@@ -1,33 +1,42 @@
+import functools as ft
 import numbers
 from typing import Any
 
 import diffrax
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax import AbstractAdjoint, RESULTS, SubSaveAt
+from diffrax import AbstractAdjoint, AbstractWrappedSolver, RESULTS
 
-from .._diffrax_internals import (
-    is_unsafe_sde,
-    loop_and_record_steps,
-    only_transpose_ys,
-    SaveState,
-    unvmap_any,
-)
+from .._diffrax_internals import is_unsafe_sde, only_transpose_ys, SaveState
 from .._misc import materialise_cotangent, tree_add, zeros_cotangent
 from .._solver.base import AbstractReversibleSolver
 from .._solver.reversible_heun import ReversibleHeun
 from .common import (
     check_no_dense,
     check_no_event,
+    closure_convert_saveat,
     closure_convert_terms,
     is_none,
     is_subsaveat,
     nan_if_failed,
+    nan_or_raise,
+    nondifferentiable_settings,
     nondifferentiable_times,
 )
+from .first_order import reverse_mode_only
+from .reconstruction import (
+    FLOOR_POWER,
+    not_finite,
+    reconstruction_error,
+    RECONSTRUCTION_TOL,
+)
+from .saved_outputs import SavedOutputs
+from .step_record import loop_and_record_steps, max_jumps
+
+
+_NAME = "ReversibleAdjoint"
 
 
 def _is_save_state(x: Any) -> bool:
@@ -59,16 +68,31 @@ class ReversibleAdjoint(AbstractAdjoint):
     fn=...)` and `SaveAt(subs=...)`; gradients with respect to `y0`, `args` and
     everything differentiable inside `terms`.
 
+    Everything the solve closes over is differentiated as with
+    `diffrax.RecursiveCheckpointAdjoint`: parameters captured by a vector field, by a
+    `SaveAt(fn=...)` or by a callable control. A solve that continues from
+    `sol.solver_state` of an earlier one (training on long sequences in chunks) gets
+    the cotangent of that solver state too.
+
     Running a solver backwards can be unstable: with a coupling or damping well below
     1, or over many float32 steps, the reconstructed states drift from the true ones
     and the gradient along them is wrong. The backward pass therefore ends by
-    comparing the reconstructed initial state with `y0`, and raises (at run time,
-    with `equinox.error_if`) if they differ by more than `reconstruction_tol`. A
-    failed forward solve (`throw=False`) gives NaN gradients instead.
+    comparing the reconstructed initial state and solver state with the true ones,
+    element by element, and if they differ by more than `reconstruction_tol` raises
+    (at run time, with `equinox.error_if`), or with `diffeqsolve(..., throw=False)`
+    returns NaN gradients. A forward solve that failed or diverged (a state that is
+    not finite) gives NaN gradients too, or with `throw=True` for a diverged one, an
+    error.
+
+    First derivatives in reverse mode only (`jax.grad`, `jax.vjp`, `jax.jacrev`):
+    forward mode and higher derivatives (`jax.jvp`, `jax.jacfwd`, `jax.hessian`, a
+    `jax.grad` of a `jax.grad`) raise an error that points to
+    `diffrax.ForwardMode` and `diffrax.DirectAdjoint`.
 
     Not supported (each raises an error at trace time): events, `SaveAt(dense=True)`,
     `max_steps=None`, `diffrax.UnsafeBrownianPath`, and gradients with respect to
-    `t0`, `t1` or `SaveAt(ts=...)`.
+    `t0`, `t1`, `dt0`, `SaveAt(ts=...)`, the step size controller (`jump_ts`,
+    tolerances) or the solver's own parameters.
 
     ??? cite "References"
 
@@ -89,15 +113,16 @@ class ReversibleAdjoint(AbstractAdjoint):
         ```
     """
 
-    reconstruction_tol: float | None = 1e-3
+    reconstruction_tol: float | None = RECONSTRUCTION_TOL
 
     def __check_init__(self):
         tol = self.reconstruction_tol
         if tol is not None and not (isinstance(tol, numbers.Real) and tol > 0):
             raise ValueError(
                 "`reconstruction_tol` must be a positive number (the largest "
-                "relative error allowed in the rebuilt initial state, e.g. `1e-3`) "
-                f"or `None` to skip the check, but got {tol!r}."
+                "relative error allowed in the rebuilt initial state, e.g. "
+                f"`{RECONSTRUCTION_TOL}`) or `None` to skip the check, but got "
+                f"{tol!r}."
             )
 
     def loop(
@@ -119,24 +144,13 @@ class ReversibleAdjoint(AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        del throw, passed_solver_state, passed_controller_state
-        if type(solver) is diffrax.ReversibleHeun:
-            # Same numbers, same solver state; ours stays exact across jumps.
-            solver = ReversibleHeun()
-        if not isinstance(solver, AbstractReversibleSolver):
-            raise ValueError(
-                "`ReversibleAdjoint()` needs an algebraically reversible solver, but "
-                f"got `solver={type(solver).__name__}(...)`. Use "
-                "`solver=diffrax_extras.ReversibleHeun()`, or make an explicit solver "
-                "reversible with `solver=diffrax_extras.Reversible(solver)`."
-            )
+        del passed_solver_state, passed_controller_state
+        solver = _reversible_solver(solver)
         check_no_event(
-            "ReversibleAdjoint",
-            event,
-            "the time of the event is not a step of the reversible solve.",
+            _NAME, event, "the time of the event is not a step of the reversible solve."
         )
         check_no_dense(
-            "ReversibleAdjoint",
+            _NAME,
             saveat,
             "storing the dense solution would cost the memory that this adjoint saves.",
         )
@@ -154,102 +168,120 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`diffrax_extras.BrownianInterval` (or `diffrax.VirtualBrownianTree`)."
             )
 
-        t0, t1, saveat = nondifferentiable_times("ReversibleAdjoint", t0, t1, saveat)
-        # diffrax wraps each `SubSaveAt.fn` in a closure over traced values (the time
-        # direction); converting makes those explicit arrays, so that the backward
-        # pass, traced separately, can call `fn` too.
-        saveat = jtu.tree_map(
-            lambda sub: _closure_convert_fn(sub, t0, init_state.y, args),
-            saveat,
-            is_leaf=is_subsaveat,
-        )
-        terms = closure_convert_terms(terms, t0, init_state.y, args)
-        # Step sizes are not differentiated through (diffrax's own controllers
-        # `stop_gradient` them too), so neither is the controller's state.
-        init_state = eqx.tree_at(
-            lambda s: s.controller_state,
-            init_state,
-            replace_fn=lax.stop_gradient,
-            is_leaf=is_none,
+        t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
+        solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
+            _NAME, solver, stepsize_controller, dt0, init_state
         )
         y0 = init_state.y
+        saveat = closure_convert_saveat(saveat, t0, y0, args)
+        terms = closure_convert_terms(terms, t0, y0, args)
         solver_state0 = init_state.solver_state
         init_state = eqx.tree_at(
-            lambda s: (s.y, s.solver_state),
-            init_state,
-            (None, None),
-            is_leaf=is_none,
+            lambda s: (s.y, s.solver_state), init_state, (None, None), is_leaf=is_none
         )
+        inputs = reverse_mode_only((y0, solver_state0, args, terms, saveat), _NAME)
         final_state, aux_stats = _loop_reversible(
-            (y0, solver_state0, args, terms),
+            inputs,
             self=self,
             solver=solver,
             stepsize_controller=stepsize_controller,
-            saveat=saveat,
             t0=t0,
             t1=t1,
             dt0=dt0,
             max_steps=max_steps,
+            max_jumps=max_jumps(stepsize_controller, max_steps),
+            throw=throw,
             init_state=init_state,
             progress_meter=progress_meter,
         )
+        # The saved outputs and, for a solve continued from `sol.solver_state`, the
+        # final solver state carry cotangents into the backward pass.
+        solver_state = final_state.solver_state
         final_state = only_transpose_ys(final_state)
+        final_state = eqx.tree_at(
+            lambda s: s.solver_state, final_state, solver_state, is_leaf=is_none
+        )
         return final_state, aux_stats
 
 
-ReversibleAdjoint.__init__.__doc__ = """**Arguments:**
+ReversibleAdjoint.__init__.__doc__ = f"""**Arguments:**
 
-- `reconstruction_tol`: after the backward pass, the reconstructed initial state is
-    compared with the true one; if they differ by more than `reconstruction_tol`
-    times `max(1, max|y0|, max|y1|)` (on any leaf), running the solver backwards was
-    unstable (a coupling or damping far below 1, or a long float32 solve), the
-    gradient would be wrong, and an error is raised instead. `None` skips the check.
+- `reconstruction_tol`: after the backward pass, the reconstructed initial state `y0`
+    and solver state are compared with the true ones; if any element differs by more
+    than `reconstruction_tol` times its size (the larger of its sizes at the start
+    and the end of the solve, floored at `eps**{FLOOR_POWER:.3g}` times the largest in
+    its array, for the dtype's `eps`), running the solver backwards was unstable and
+    the gradient would be wrong, so an error is raised (NaN gradients with
+    `diffeqsolve(..., throw=False)`).
+    The default `{RECONSTRUCTION_TOL}` was chosen from the measured cases in the
+    documentation's reliability page. `None` skips the check.
 """
 
 
-def _closure_convert_fn(sub, t, y, args):
-    if not is_subsaveat(sub):
-        return sub
-    fn = eqx.filter_closure_convert(sub.fn, t, y, args)
-    return eqx.tree_at(lambda s: s.fn, sub, fn)
+def _reversible_solver(solver):
+    """The solver to run, checked to be reversible."""
+    if type(solver) is diffrax.ReversibleHeun:
+        # Same numbers, same solver state; ours stays exact across jumps.
+        return ReversibleHeun()
+    # By type, not `isinstance`: diffrax forwards `isinstance` checks through
+    # wrappers such as `diffrax.HalfSolver`, which are not reversible.
+    if issubclass(type(solver), AbstractReversibleSolver):
+        return solver
+    name = type(solver).__name__
+    if isinstance(solver, AbstractWrappedSolver):
+        inner = type(solver.solver).__name__
+        raise ValueError(
+            f"`ReversibleAdjoint()` needs an algebraically reversible solver, but "
+            f"`solver={name}({inner}(...))` is not one: `{name}` changes how each "
+            "step is taken, and has no inverse step. Pass the reversible solver "
+            f"itself, e.g. `solver={inner}()`."
+        )
+    raise ValueError(
+        "`ReversibleAdjoint()` needs an algebraically reversible solver, but got "
+        f"`solver={name}(...)`. Use `solver=diffrax_extras.ReversibleHeun()`, or make "
+        "an explicit solver reversible with `solver=diffrax_extras.Reversible(solver)`."
+    )
 
 
-def _fill_state(init_state, y0, solver_state0):
-    return eqx.tree_at(
+@eqx.filter_custom_vjp
+def _loop_reversible(
+    inputs, *, self, init_state, max_steps, max_jumps, throw, **kwargs
+):
+    del throw
+    final_state, aux_stats, _ = _forward(
+        inputs, self, init_state, max_steps, max_jumps, kwargs
+    )
+    return final_state, aux_stats
+
+
+def _forward(inputs, self, init_state, max_steps, max_jumps, kwargs):
+    y0, solver_state0, args, terms, saveat = inputs
+    init_state = eqx.tree_at(
         lambda s: (s.y, s.solver_state),
         init_state,
         (y0, solver_state0),
         is_leaf=is_none,
     )
-
-
-@eqx.filter_custom_vjp
-def _loop_reversible(y0__state0__args__terms, *, self, init_state, **kwargs):
-    final_state, aux_stats, _ = _forward(
-        y0__state0__args__terms, self, init_state, kwargs
-    )
-    return final_state, aux_stats
-
-
-def _forward(y0__state0__args__terms, self, init_state, kwargs):
-    y0, solver_state0, args, terms = y0__state0__args__terms
     return loop_and_record_steps(
         self._loop,
         args=args,
         terms=terms,
-        init_state=_fill_state(init_state, y0, solver_state0),
+        saveat=saveat,
+        init_state=init_state,
         event=None,
+        max_steps=max_steps,
+        max_jumps=max_jumps,
         **kwargs,
     )
 
 
 @_loop_reversible.def_fwd
 def _loop_reversible_fwd(
-    perturbed, y0__state0__args__terms, *, self, init_state, **kwargs
+    perturbed, inputs, *, self, init_state, max_steps, max_jumps, throw, **kwargs
 ):
-    del perturbed
+    del perturbed, throw
     final_state, aux_stats, record = _forward(
-        y0__state0__args__terms, self, init_state, kwargs
+        inputs, self, init_state, max_steps, max_jumps, kwargs
     )
     residuals = (
         final_state.y,
@@ -266,253 +298,182 @@ def _loop_reversible_bwd(
     residuals,
     grad_final_state__aux_stats,
     perturbed,
-    y0__state0__args__terms,
+    inputs,
     *,
     self,
     solver,
-    stepsize_controller,
-    saveat,
+    throw,
     t0,
-    t1,
-    dt0,
-    max_steps,
-    init_state,
-    progress_meter,
+    **kwargs,
 ):
-    del perturbed, stepsize_controller, t1, dt0, init_state, progress_meter
-    y_final, solver_state_final, tfinal, result, record = residuals
+    del perturbed, kwargs
+    y_final, state_final, tfinal, result, record = residuals
     grad_final_state, _ = grad_final_state__aux_stats
-    y0, _, args, terms = y0__state0__args__terms
-    num_steps = record.num_steps
+    y0, state0, args, terms, saveat = inputs
 
     subs = jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
     grad_save_states = jtu.tree_leaves(
         grad_final_state.save_state, is_leaf=_is_save_state
     )
     saves = [
-        _SaveCotangent(sub, grad.ys, record)
+        SavedOutputs(sub, grad.ys, record)
         for sub, grad in zip(subs, grad_save_states, strict=True)
         if _is_save_state(grad)
     ]
+    ct_fns = [zeros_cotangent(save.sub.fn) for save in saves]
 
+    # The outputs saved at the end of the solve, and a continued solve's cotangent
+    # of the final solver state.
     ct_y = zeros_cotangent(y_final)
     ct_args = zeros_cotangent(args)
-    for save in saves:
-        ct_y, ct_args = save.pull_back_t1(ct_y, ct_args, t0, tfinal, y_final, args)
+    for k, save in enumerate(saves):
+        cts = (ct_y, ct_args, ct_fns[k])
+        cts = save.pull_back_trivial(cts, t0, tfinal, y_final, args)
+        ct_y, ct_args, ct_fns[k] = save.pull_back_t1(cts, t0, tfinal, y_final, args)
+    ct_state = materialise_cotangent(state_final, grad_final_state.solver_state)
 
-    def cond_fun(carry):
-        i, *_ = carry
-        return i >= 0
-
-    def body_fun(carry):
-        i, y1, solver_state1, ct_y1, ct_state1, ct_args, ct_terms = carry
-        tprev = record.tprev[i]
-        tnext = record.tnext[i]
-        made_jump0 = record.made_jump_at(i)
-        is_last = i + 1 >= num_steps
-        made_jump1 = record.made_jump_at(i + 1)
-        if made_jump1 is not False:
-            made_jump1 = jnp.where(is_last, False, made_jump1)
-        tprev_next = jnp.where(is_last, tfinal, record.tprev[i + 1])
-        for save in saves:
-            ct_y1, ct_args = save.pull_back_step(
-                i, ct_y1, ct_args, tprev_next, y1, args
-            )
-        y0, dense_info, solver_state0, _, pullback = solver.backward_step_vjp(
-            terms, tprev, tnext, y1, args, solver_state1, made_jump0, made_jump1
-        )
-        ct_dense = zeros_cotangent(dense_info)
-        for save in saves:
-            ct_dense, ct_args = save.pull_back_ts(
-                i, ct_dense, ct_args, solver, tprev, tnext, dense_info, args
-            )
-        ct_y0, ct_state0, ct_args_step, ct_terms_step = pullback(
-            (ct_y1, ct_dense, ct_state1)
-        )
-        ct_args = tree_add(ct_args, ct_args_step)
-        ct_terms = tree_add(ct_terms, ct_terms_step)
-        return i - 1, y0, solver_state0, ct_y0, ct_state0, ct_args, ct_terms
-
-    carry = (
-        num_steps - 1,
-        y_final,
-        solver_state_final,
-        ct_y,
-        zeros_cotangent(solver_state_final),
-        ct_args,
-        zeros_cotangent(terms),
+    carry = _BackwardCarry(
+        i=record.num_steps - 1,
+        jumps=record.num_jumps(),
+        tprev_next=tfinal,
+        made_jump_next=jnp.array(False),
+        y=y_final,
+        solver_state=state_final,
+        ct_y=ct_y,
+        ct_state=ct_state,
+        ct_args=ct_args,
+        ct_terms=zeros_cotangent(terms),
+        ct_fns=ct_fns,
     )
-    _, y0_rebuilt, _, ct_y0, ct_state0, ct_args, ct_terms = lax.while_loop(
-        cond_fun, body_fun, carry
+    step = ft.partial(_backward_step, solver, record, saves, args, terms)
+    carry = lax.while_loop(lambda c: c.i >= 0, step, carry)
+
+    ct_y0, ct_args, ct_fns = carry.ct_y, carry.ct_args, carry.ct_fns
+    for k, save in enumerate(saves):
+        ct_y0, ct_args, ct_fns[k] = save.pull_back_t0(
+            (ct_y0, ct_args, ct_fns[k]), t0, y0, args
+        )
+    ct_saveat = _saveat_cotangent(saveat, saves, ct_fns)
+    cotangents = (ct_y0, carry.ct_state, ct_args, carry.ct_terms, ct_saveat)
+
+    cotangents = nan_if_failed(result, cotangents)
+    cotangents = nan_or_raise(
+        cotangents,
+        not_finite((y_final, state_final)),
+        throw,
+        "The forward solve diverged: its final state is not finite (NaN or inf), "
+        "so neither is its gradient. (diffrax reports such a solve as successful.) "
+        "Use smaller steps, an adaptive step size controller, or look for the "
+        "overflow in the vector field.",
     )
-    for save in saves:
-        ct_y0, ct_args = save.pull_back_t0(ct_y0, ct_args, t0, y0, args)
-    cotangents = nan_if_failed(result, (ct_y0, ct_state0, ct_args, ct_terms))
     if self.reconstruction_tol is None:
         return cotangents
-    return _check_reconstruction(
-        cotangents, y0, y0_rebuilt, y_final, result, self.reconstruction_tol
+    kept = solver.reconstructed_state
+    failed = _reconstruction_failed(
+        (y0, kept(state0)),
+        (carry.y, kept(carry.solver_state)),
+        (y_final, kept(state_final)),
+        self.reconstruction_tol,
+        record.made_jump_at(0),
     )
-
-
-def _check_reconstruction(cotangents, y0, y0_rebuilt, y_final, result, tol):
-    """Raises, at run time, if the backward pass did not rebuild `y0`: the states it
-    passed through on the way were then wrong too, and so is the gradient."""
-
-    def leaf_failed(a, b, c):
-        if not eqx.is_inexact_array(a) or a.size == 0:
-            return jnp.array(False)
-        scale = jnp.maximum(1, jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(c))))
-        # Written so that NaN counts as a failure.
-        return ~(jnp.max(jnp.abs(a - b)) <= tol * scale)
-
-    failed = jtu.tree_reduce(
-        jnp.logical_or,
-        jtu.tree_map(leaf_failed, y0, y0_rebuilt, y_final),
-        jnp.array(False),
-    )
-    failed = jnp.logical_and(failed, result == RESULTS.successful)
-    return eqx.error_if(
+    healthy = (result == RESULTS.successful) & ~not_finite((y_final, state_final))
+    return nan_or_raise(
         cotangents,
-        failed,
+        failed & healthy,
+        throw,
         "`ReversibleAdjoint` could not reconstruct the initial state on the backward "
-        "pass (it differs from `y0` by more than `reconstruction_tol`): running the "
-        "solver backwards is unstable here, so the gradient would be wrong. Use a "
-        "coupling closer to 1 in `Reversible(...)`, `damping=1.0` in "
-        "`AsynchronousLeapfrog`, float64, or fewer steps; or use "
-        "`adjoint=diffrax.RecursiveCheckpointAdjoint()`.",
+        "pass (the rebuilt `y0` or solver state differs from the true one by more "
+        "than `reconstruction_tol`): running the solver backwards is unstable here, "
+        "so the gradient would be wrong. " + solver.unstable_reconstruction_advice(),
     )
 
 
-def _fn_vjp(fn, t, y, args, ct):
-    """Cotangents of `(y, args)` through `fn(t, y, args)`."""
-    out, vjp_fn = eqx.filter_vjp(lambda _y, _args: fn(t, _y, _args), y, args)
-    return vjp_fn(materialise_cotangent(out, ct))
+def _reconstruction_failed(true, rebuilt, final, tol, made_jump0):
+    (y0, state0), (y_rebuilt, state_rebuilt), (y1, state1) = true, rebuilt, final
+    y_error = reconstruction_error(y0, y_rebuilt, y1)
+    state_error = reconstruction_error(state0, state_rebuilt, state1)
+    # After a jump at t0 the first step refreshed the parts of the solver state that
+    # the jump made stale; the rebuilt state holds the refreshed values.
+    state_error = jnp.where(made_jump0, 0, state_error)
+    # Written so that NaN counts as a failure.
+    return ~(jnp.maximum(y_error, state_error) <= tol)
 
 
-class _SaveCotangent(eqx.Module):
-    """Pulls the cotangents of one `SubSaveAt`'s saved outputs back into the solve.
+class _BackwardCarry(eqx.Module):
+    """The state of the backward loop, about to invert accepted step `i`."""
 
-    Replays where diffrax's loop wrote each output: the `t0` entry first, then per
-    accepted step the `ts` that the step reached followed by the every-`steps`-th
-    value, then the `t1` entry.
-    """
+    i: Any
+    # The number of jumps into steps 1, ..., i.
+    jumps: Any
+    # Where step i + 1 started (the end of the solve for the last step), and whether
+    # it was taken just after a jump.
+    tprev_next: Any
+    made_jump_next: Any
+    # The state at the end of step i and the cotangents there.
+    y: Any
+    solver_state: Any
+    ct_y: Any
+    ct_state: Any
+    # The cotangents of the inputs, summed over the steps inverted so far.
+    ct_args: Any
+    ct_terms: Any
+    ct_fns: list
 
-    sub: SubSaveAt
-    ct_ys: Any
-    record: Any
 
-    def _ct_at(self, index):
-        return jtu.tree_map(lambda c: c[index], self.ct_ys)
+def _backward_step(solver, record, saves, args, terms, c: _BackwardCarry):
+    # Under `jax.vmap` with different numbers of steps the loop runs until every
+    # member is done, and a finished member's results are discarded; its index is
+    # clamped so that what it computes meanwhile stays within the record (a
+    # Brownian path queried outside its interval would raise).
+    i = jnp.maximum(c.i, 0)
+    tnext = record.tnext[i]
+    tprev = record.tprev(i, c.jumps)
+    made_jump0 = record.made_jump_at(i)
+    made_jump1 = False if isinstance(record.made_jump, bool) else c.made_jump_next
 
-    @property
-    def _t0_offset(self):
-        return 1 if self.sub.t0 else 0
-
-    def _num_ts_reached(self, t):
-        # The forward loop saves `ts[k]` in the first accepted step whose end is at
-        # or after it, so the number of outputs of `ts` written up to a step is this.
-        ts = self.sub.ts
-        assert ts is not None
-        return jnp.searchsorted(ts, t, side="right").astype(jnp.int32)
-
-    def _steps_before(self, i):
-        return 0 if self.sub.steps == 0 else i // self.sub.steps
-
-    def pull_back_t0(self, ct_y0, ct_args, t0, y0, args):
-        if not self.sub.t0:
-            return ct_y0, ct_args
-        ct_y, ct_a = _fn_vjp(self.sub.fn, t0, y0, args, self._ct_at(0))
-        return tree_add(ct_y0, ct_y), tree_add(ct_args, ct_a)
-
-    def pull_back_t1(self, ct_y, ct_args, t0, tfinal, y_final, args):
-        sub = self.sub
-        num_steps = self.record.num_steps
-        trivial = t0 == tfinal
-        if sub.ts is not None:
-            # A solve with t0 == t1 takes no step and saves y0 at every `ts`.
-            num_ts = len(sub.ts)
-
-            def _trivial(ct_y, ct_args):
-                start = self._t0_offset
-                ct_ts = jtu.tree_map(lambda c: c[start : start + num_ts], self.ct_ys)
-                _ct_y, _ct_a = jax.vmap(
-                    lambda ct: _fn_vjp(sub.fn, t0, y_final, args, ct)
-                )(ct_ts)
-                _sum = lambda x: None if x is None else jnp.sum(x, axis=0)
-                _ct_y = jtu.tree_map(_sum, _ct_y, is_leaf=is_none)
-                _ct_a = jtu.tree_map(_sum, _ct_a, is_leaf=is_none)
-                return tree_add(ct_y, _ct_y), tree_add(ct_args, _ct_a)
-
-            ct_y, ct_args = lax.cond(
-                unvmap_any(trivial),
-                lambda c: lax.cond(trivial, _trivial, lambda *a: a, *c),
-                lambda c: c,
-                (ct_y, ct_args),
-            )
-        if sub.t1:
-            if sub.steps == 0:
-                pred = True
-            elif sub.steps == 1:
-                pred = False
-            else:
-                pred = num_steps % sub.steps != 0
-            if pred is not False:
-                num_ts = 0
-                if sub.ts is not None:
-                    num_ts = jnp.where(
-                        trivial, len(sub.ts), self._num_ts_reached(tfinal)
-                    )
-                index = self._t0_offset + num_ts + self._steps_before(num_steps)
-                ct = jtu.tree_map(lambda c: jnp.where(pred, c, 0), self._ct_at(index))
-                _ct_y, _ct_a = _fn_vjp(sub.fn, tfinal, y_final, args, ct)
-                ct_y, ct_args = tree_add(ct_y, _ct_y), tree_add(ct_args, _ct_a)
-        return ct_y, ct_args
-
-    def pull_back_step(self, i, ct_y1, ct_args, tprev_next, y1, args):
-        """The every-`steps`-th output, saved at the end of accepted step `i`."""
-        sub = self.sub
-        if sub.steps == 0:
-            return ct_y1, ct_args
-        saved = (i + 1) % sub.steps == 0
-        num_ts = 0 if sub.ts is None else self._num_ts_reached(self.record.tnext[i])
-        index = self._t0_offset + num_ts + (i + 1) // sub.steps - 1
-        index = jnp.maximum(index, 0)
-        ct = jtu.tree_map(lambda c: jnp.where(saved, c, 0), self._ct_at(index))
-        ct_y, ct_a = _fn_vjp(sub.fn, tprev_next, y1, args, ct)
-        return tree_add(ct_y1, ct_y), tree_add(ct_args, ct_a)
-
-    def pull_back_ts(
-        self, i, ct_dense, ct_args, solver, tprev, tnext, dense_info, args
-    ):
-        """The outputs at `ts` that accepted step `i` reached, by its interpolation."""
-        sub = self.sub
-        ts = sub.ts
-        if ts is None:
-            return ct_dense, ct_args
-        tnext_before = jnp.where(
-            i > 0, self.record.tnext[jnp.maximum(i - 1, 0)], -jnp.inf
+    ct_y1, ct_args, ct_fns = c.ct_y, c.ct_args, list(c.ct_fns)
+    for k, save in enumerate(saves):
+        ct_y1, ct_args, ct_fns[k] = save.pull_back_step(
+            (ct_y1, ct_args, ct_fns[k]), i, c.tprev_next, c.y, args
         )
-        k_start = jnp.where(i > 0, self._num_ts_reached(tnext_before), 0)
-        k_end = self._num_ts_reached(tnext)
-        offset = self._t0_offset + self._steps_before(i)
-
-        def _save(_dense_info, _args, t):
-            interpolation = solver.interpolation_cls(t0=tprev, t1=tnext, **_dense_info)
-            return sub.fn(t, interpolation.evaluate(t), _args)
-
-        def cond_fun(carry):
-            k, _, _ = carry
-            return k < k_end
-
-        def body_fun(carry):
-            k, _ct_dense, _ct_args = carry
-            t = ts[k]
-            out, vjp_fn = eqx.filter_vjp(lambda d, a: _save(d, a, t), dense_info, args)
-            ct_d, ct_a = vjp_fn(materialise_cotangent(out, self._ct_at(offset + k)))
-            return k + 1, tree_add(_ct_dense, ct_d), tree_add(_ct_args, ct_a)
-
-        _, ct_dense, ct_args = lax.while_loop(
-            cond_fun, body_fun, (k_start, ct_dense, ct_args)
+    y0, dense_info, state0, _, pullback = solver.backward_step_vjp(
+        terms, tprev, tnext, c.y, args, c.solver_state, made_jump0, made_jump1
+    )
+    ct_dense = zeros_cotangent(dense_info)
+    for k, save in enumerate(saves):
+        ct_dense, ct_args, ct_fns[k] = save.pull_back_ts(
+            (ct_dense, ct_args, ct_fns[k]), i, solver, tprev, tnext, dense_info, args
         )
-        return ct_dense, ct_args
+    ct_y0, ct_state0, ct_args_step, ct_terms_step = pullback(
+        (ct_y1, ct_dense, c.ct_state)
+    )
+    return _BackwardCarry(
+        i=c.i - 1,
+        jumps=c.jumps - jnp.asarray(record.jumped_into(i), jnp.int32),
+        tprev_next=tprev,
+        made_jump_next=jnp.asarray(made_jump0),
+        y=y0,
+        solver_state=state0,
+        ct_y=ct_y0,
+        ct_state=ct_state0,
+        ct_args=tree_add(ct_args, ct_args_step),
+        ct_terms=tree_add(c.ct_terms, ct_terms_step),
+        ct_fns=ct_fns,
+    )
+
+
+def _saveat_cotangent(saveat, saves, ct_fns):
+    """The cotangent of `saveat`: those of the closure-converted `fn`s of the subs
+    whose outputs had a cotangent, zero for everything else (the times are not
+    differentiable)."""
+
+    def fns(tree):
+        subs = jtu.tree_leaves(tree.subs, is_leaf=is_subsaveat)
+        return [sub.fn for sub, saved in zip(subs, is_saved, strict=True) if saved]
+
+    subs = jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
+    is_saved = [any(sub is save.sub for save in saves) for sub in subs]
+    ct = zeros_cotangent(saveat)
+    if not any(is_saved):
+        return ct
+    return eqx.tree_at(fns, ct, ct_fns, is_leaf=is_none)

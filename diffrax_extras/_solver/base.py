@@ -1,6 +1,6 @@
 import abc
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import equinox as eqx
 from diffrax import AbstractSolver, AbstractTerm, RESULTS
@@ -37,7 +37,8 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
         y1: Y,
         args: Args,
         solver_state: _SolverState,
-        made_jump: BoolScalarLike,
+        made_jump0: BoolScalarLike,
+        made_jump1: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS]:
         """Inverts one step of the solver.
 
@@ -45,18 +46,21 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
 
         - `terms`, `t0`, `t1`, `args`: as for the forward `step` that is inverted.
         - `y1`: the value of `y` that the forward `step` returned.
-        - `solver_state`: the solver state that the forward `step` returned.
-        - `made_jump`: the mirror image of `step`'s argument of the same name: whether
-            the forward solve jumped at `t1`, i.e. whether the step *after* this one
-            was taken with `made_jump=True`. Any solver state cached at `t1` is then
-            stale and must be re-evaluated at `t1` before stepping backwards.
+        - `solver_state`: the solver state that the forward `step` returned, or, if
+            `made_jump1`, the one that the backward step of the next step returned.
+        - `made_jump0`: the `made_jump` that the forward step was given (a jump at
+            `t0`).
+        - `made_jump1`: whether the forward solve jumped at `t1`, i.e. whether the step
+            *after* this one was taken with `made_jump=True`. Any solver state that
+            that step refreshed at the jump is then stale and must be re-evaluated at
+            `t1` before stepping backwards.
 
         **Returns:**
 
         A 4-tuple `(y0, dense_info, solver_state, result)`: the value of `y` at `t0`,
         the same dense information the forward step produced, the solver state the
-        forward step was given (parts that the forward step ignores because of its
-        own `made_jump` may be returned stale), and a `diffrax.RESULTS`.
+        forward step was given (parts that the forward step refreshes because of
+        `made_jump0`, and so ignores, may be returned stale), and a `diffrax.RESULTS`.
         """
 
     def backward_step_vjp(
@@ -79,11 +83,8 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
 
         **Arguments:**
 
-        - `terms`, `t0`, `t1`, `y1`, `args`, `solver_state`: as for `backward_step`.
-        - `made_jump0`: the `made_jump` that the forward step was given (a jump at
-            `t0`).
-        - `made_jump1`: whether the forward solve jumped at `t1` (the `made_jump` of
-            `backward_step`).
+        - `terms`, `t0`, `t1`, `y1`, `args`, `solver_state`, `made_jump0`,
+            `made_jump1`: as for `backward_step`.
 
         **Returns:**
 
@@ -94,7 +95,7 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
         each filtered to its inexact arrays as by `equinox.filter_vjp`.
         """
         y0, _, solver_state0, result = self.backward_step(
-            terms, t0, t1, y1, args, solver_state, made_jump1
+            terms, t0, t1, y1, args, solver_state, made_jump0, made_jump1
         )
 
         def _step(_y0, _solver_state0, _args, _terms):
@@ -111,6 +112,17 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
 
         return y0, dense_info, solver_state0, result, pullback
 
+    def reconstructed_state(self, solver_state: _SolverState) -> PyTree:
+        """The part of a solver state that `backward_step` rebuilds exactly: all of
+        it, unless a subclass keeps something that only its error estimate reads.
+        [`diffrax_extras.ReversibleAdjoint`][] checks this part of the rebuilt initial
+        solver state against the true one."""
+        return solver_state
 
-def is_reversible(solver: Any) -> bool:
-    return isinstance(solver, AbstractReversibleSolver)
+    def unstable_reconstruction_advice(self) -> str:
+        """What to change when the backward pass cannot rebuild the initial state
+        (named in the error [`diffrax_extras.ReversibleAdjoint`][] raises then)."""
+        return (
+            "Use smaller steps or float64, or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )

@@ -1,19 +1,22 @@
 import functools as ft
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from diffrax import (
     AbstractAdaptiveSolver,
-    AbstractImplicitSolver,
     AbstractLocalInterpolation,
     AbstractSolver,
     AbstractStratonovichSolver,
     AbstractTerm,
+    AbstractWrappedSolver,
     RESULTS,
 )
 from jaxtyping import Array, PyTree
@@ -24,12 +27,14 @@ from .._diffrax_internals import (
     DenseInfo,
     is_sde,
     is_unsafe_sde,
+    linear_rescale,
     RealScalarLike,
     VF,
     Y,
 )
 from .._misc import (
     check_in_interval,
+    is_underdamped_langevin,
     materialise_cotangent,
     tree_lincomb,
     tree_sum_leading,
@@ -65,6 +70,11 @@ class Reversible(
     AbstractAdaptiveSolver[_SolverState],
     # SDEs are accepted only with a Stratonovich base solver (checked in `init`).
     AbstractStratonovichSolver[_SolverState],
+    # diffrax forwards `isinstance` checks through a wrapped solver to the solver it
+    # wraps, and then reads that kind of solver's own attributes (`scan_kind` of a
+    # Runge–Kutta method for forward-mode autodiff, `root_finder` of an implicit one
+    # for its tolerances); `__getattr__` below forwards them.
+    AbstractWrappedSolver[_SolverState],
 ):
     r"""Makes any explicit single-step solver algebraically reversible.
 
@@ -122,12 +132,6 @@ class Reversible(
                 f"`Reversible(solver={name}(...))`: the solver is already reversible. "
                 "Pass it to `diffeqsolve` directly instead of wrapping it again."
             )
-        if isinstance(solver, AbstractImplicitSolver):
-            raise ValueError(
-                f"`Reversible(solver={name}(...))` needs an explicit solver, but "
-                f"`{name}` is implicit: its inverse step would need a root find. Use "
-                "an explicit solver such as `diffrax.Tsit5()`."
-            )
         if isinstance(solver, _STATEFUL):
             raise ValueError(
                 f"`Reversible(solver={name}(...))` needs a single-step solver, but "
@@ -144,6 +148,15 @@ class Reversible(
             "The default 0.999 suits most problems; see the docstring of "
             "`diffrax_extras.Reversible`.",
         )
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes that `Reversible` does not define: those of the
+        # wrapped solver that diffrax reads (`minimal_levy_area` of an SRK method,
+        # `scan_kind`, `root_finder`, ...). `eqx.tree_at` finds them through here as
+        # parts of `self.solver`.
+        if name.startswith("_") or name == "solver":
+            raise AttributeError(name)
+        return getattr(self.solver, name)
 
     @property
     def term_structure(self):
@@ -188,6 +201,16 @@ class Reversible(
                 "`Reversible(...)` queries the Brownian motion backwards in time, "
                 "which `diffrax.UnsafeBrownianPath` cannot do consistently. Use "
                 "`diffrax_extras.BrownianInterval` or `diffrax.VirtualBrownianTree`."
+            )
+        if is_underdamped_langevin(terms) and _at_least(self.coupling, 0.99):
+            warnings.warn(
+                f"`Reversible({name}(...), coupling={self.coupling})` on underdamped "
+                "Langevin dynamics: their friction makes them dissipative, where the "
+                "coupled steps are stable only for a coupling well below 1 (on "
+                "diffrax's Langevin example at gamma * dt = 0.1 the default 0.999 "
+                "diverges to variances of 1e11; 0.9 samples the stationary law). "
+                "Pass e.g. `coupling=0.9`.",
+                stacklevel=2,
             )
         return y0
 
@@ -241,9 +264,10 @@ class Reversible(
         y1: Y,
         args: Args,
         solver_state: _SolverState,
-        made_jump: BoolScalarLike,
+        made_jump0: BoolScalarLike,
+        made_jump1: BoolScalarLike,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS]:
-        del made_jump
+        del made_jump0, made_jump1  # Every base step starts afresh: nothing is cached.
 
         def psi(x, ta, tb):
             psi, _, dense_info, result = self._increment(terms, ta, tb, x, args)
@@ -348,6 +372,14 @@ class Reversible(
     ) -> VF:
         return self.solver.func(terms, t0, y0, args)
 
+    def unstable_reconstruction_advice(self) -> str:
+        return (
+            "Each backward step divides by the coupling: use a coupling closer to 1 "
+            "in `Reversible(..., coupling=...)` (1 is the most stable backwards), "
+            "float64, or fewer steps; or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
+
 
 Reversible.__init__.__doc__ = """**Arguments:**
 
@@ -355,6 +387,14 @@ Reversible.__init__.__doc__ = """**Arguments:**
 - `coupling`: the coupling parameter $\\lambda \\in (0, 1]$; smaller is more stable
     forwards and less accurate to reconstruct backwards. Defaults to `0.999`.
 """
+
+
+def _at_least(value: RealScalarLike, bound: float) -> bool:
+    """`value >= bound` for a concrete value; `False` for a traced one."""
+    try:
+        return bool(np.asarray(value) >= bound)
+    except jax.errors.TracerArrayConversionError:
+        return False
 
 
 def _times(ta: RealScalarLike, tb: RealScalarLike) -> Array:
@@ -409,7 +449,10 @@ class _CoupledInterpolation(AbstractLocalInterpolation):
             return tree_lincomb(
                 (1, self.evaluate(t1, left=left)), (-1, self.evaluate(t0, left=left))
             )
-        s = (t0 - self.t0) / (self.t1 - self.t0)
+        # Guarded against `self.t0 == self.t1`, as diffrax's interpolations are: the
+        # steps that a finished member of a `jax.vmap`ped batch keeps taking have
+        # zero length, and an unguarded division there gives NaN gradients.
+        s = linear_rescale(self.t0, t0, self.t1)
         return tree_lincomb(
             (1, self.base.evaluate(t0, left=left)),
             (1 - s, self.offset0),

@@ -1,0 +1,129 @@
+"""First-order reverse mode only: a marker on an adjoint's inputs that turns
+forward-mode and higher-order differentiation into errors that say what to use instead.
+
+The adjoints of this package are `custom_vjp`s. JAX cannot push tangents through a
+`custom_vjp` (forward mode fails deep inside JAX), and differentiating the backward
+pass again would differentiate a reconstruction or a quadrature that was written to
+give first derivatives only. So each adjoint passes its differentiable inputs through
+`reverse_mode_only`, an identity whose derivative rules are:
+
+- its JVP is the identity again, but split into two other identities: one on the
+  primal (`_primal_p`) that refuses to be differentiated (any second derivative passes
+  through it), and one on the tangent (`_tangent_p`) that is linear, so that reverse
+  mode transposes it away, but that refuses to be evaluated or compiled, which only
+  forward mode does.
+
+In a first-order `jax.grad` neither refusal is reached; under `jax.jvp`,
+`jax.jacfwd` or `jax.linearize` the tangent identity is evaluated; under
+`jax.hessian` or `jax.grad` of `jax.grad` the primal one is differentiated. Batching
+passes through all three, and the JVP-then-partial-evaluation route that JAX takes
+inside `lax.scan`, `lax.while_loop` bodies and `jax.checkpoint` still ends in a
+transposition, so those stay first-order reverse mode and work.
+"""
+
+import functools as ft
+
+import equinox as eqx
+import jax.extend.core
+import jax.interpreters.ad as ad
+import jax.interpreters.batching as batching
+import jax.interpreters.mlir as mlir
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+
+def _identity(x, **params):
+    del params
+    return x
+
+
+def _pass_through_batching(primitive):
+    def rule(args, dims, **params):
+        (x,), (dim,) = args, dims
+        return primitive.bind(x, **params), dim
+
+    return rule
+
+
+def _identity_lowering(primitive):
+    mlir.register_lowering(primitive, mlir.lower_fun(_identity, multiple_results=False))
+
+
+def _refuse_forward_mode(*args, forward, higher):
+    # Both the eager rule `(x, **params)` and the lowering rule `(ctx, x, **params)`.
+    del args, higher
+    raise TypeError(forward)
+
+
+_mark_p = jax.extend.core.Primitive("diffrax_extras_reverse_mode_only")
+_primal_p = jax.extend.core.Primitive("diffrax_extras_not_differentiated_again")
+_tangent_p = jax.extend.core.Primitive("diffrax_extras_forward_mode_tangent")
+
+for _p in (_mark_p, _primal_p, _tangent_p):
+    _p.def_abstract_eval(_identity)
+for _p in (_mark_p, _primal_p):
+    _p.def_impl(_identity)
+    batching.primitive_batchers[_p] = _pass_through_batching(_p)
+    _identity_lowering(_p)
+# Reverse mode transposes the tangent identity before anything is batched, compiled
+# or run; `jax.jacfwd` batches it, and raises here before JAX's own error.
+_tangent_p.def_impl(_refuse_forward_mode)
+batching.primitive_batchers[_tangent_p] = _refuse_forward_mode
+mlir.register_lowering(_tangent_p, _refuse_forward_mode)
+
+
+def _mark_jvp(primals, tangents, *, forward, higher):
+    (x,), (t,) = primals, tangents
+    out = _primal_p.bind(x, forward=forward, higher=higher)
+    if type(t) is ad.Zero:
+        return out, t
+    return out, _tangent_p.bind(t, forward=forward, higher=higher)
+
+
+def _primal_jvp(primals, tangents, *, forward, higher):
+    (x,), (t,) = primals, tangents
+    if type(t) is not ad.Zero:
+        raise TypeError(higher)
+    return _primal_p.bind(x, forward=forward, higher=higher), t
+
+
+def _tangent_jvp(primals, tangents, *, forward, higher):
+    del primals, tangents, forward
+    raise TypeError(higher)
+
+
+def _tangent_transpose(ct, x, *, forward, higher):
+    del x, forward, higher
+    return [ct]
+
+
+ad.primitive_jvps[_mark_p] = _mark_jvp
+ad.primitive_jvps[_primal_p] = _primal_jvp
+ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+
+
+def _messages(adjoint: str) -> tuple[str, str]:
+    forward = (
+        f"`{adjoint}()` differentiates in reverse mode only (`jax.grad`, `jax.vjp`, "
+        "`jax.jacrev`), not in forward mode (`jax.jvp`, `jax.jacfwd`, "
+        "`jax.linearize`). For forward mode use "
+        "`diffeqsolve(..., adjoint=diffrax.ForwardMode())`; for derivatives of any "
+        "order and mode, `adjoint=diffrax.DirectAdjoint()`."
+    )
+    higher = (
+        f"`{adjoint}()` computes first derivatives only: its backward pass cannot "
+        "itself be differentiated, so `jax.hessian`, `jax.grad` of `jax.grad` and "
+        "other second derivatives are not available through it. Use "
+        "`diffeqsolve(..., adjoint=diffrax.DirectAdjoint())` for higher-order "
+        "derivatives (or `adjoint=diffrax.ForwardMode()` for forward mode)."
+    )
+    return forward, higher
+
+
+def reverse_mode_only(tree: PyTree, adjoint: str) -> PyTree:
+    """The identity on every inexact array of `tree`, marked as differentiable once,
+    in reverse mode, by the adjoint named `adjoint` (which the errors name)."""
+    forward, higher = _messages(adjoint)
+    bind = ft.partial(_mark_p.bind, forward=forward, higher=higher)
+    return jtu.tree_map(lambda x: bind(x) if eqx.is_inexact_array(x) else x, tree)
