@@ -46,8 +46,10 @@ from .common import (
     check_no_event,
     closure_convert_terms,
     is_subsaveat,
+    nondifferentiable_settings,
     nondifferentiable_times,
 )
+from .first_order import reverse_mode_only
 from .gl_backsolve import BackwardSolve, Outcome, Quadrature, solve_backward
 from .gl_quadrature import GaussRule, Integrand
 from .gl_stops import make_stops
@@ -233,6 +235,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         event,
         t0,
         t1,
+        stepsize_controller,
+        dt0,
         **kwargs,
     ):
         check_no_event(
@@ -276,6 +280,9 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             )
 
         t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
+        solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
+            _NAME, solver, stepsize_controller, dt0, init_state
+        )
         y = init_state.y
         terms = closure_convert_terms(terms, t0, y, args)
         args, terms = _nondifferentiable_knots((args, terms))
@@ -283,10 +290,15 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         init_state = nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
+        # Forward mode and second derivatives would go through a backward pass that
+        # gives first derivatives only: refused, with an error naming the way out.
+        inputs = reverse_mode_only((y, args, terms), _NAME)
         final_state, aux_stats = _loop_quadrature(
-            (y, args, terms),
+            inputs,
             self=self,
             solver=solver,
+            stepsize_controller=stepsize_controller,
+            dt0=dt0,
             saveat=saveat,
             init_state=init_state,
             event=event,
