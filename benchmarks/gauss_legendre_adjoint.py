@@ -22,6 +22,17 @@ float64. For each case, in the same process:
 The continuous adjoints (Backsolve, Gauss-Legendre) differ from the discretised one
 by the solver's error; the quadrature adds its own, which it keeps below tolerance.
 
+Then, compiled but not run, the temporary memory of the gradient as one thing varies
+at a time, for `GaussLegendreAdjoint()`, `BacksolveAdjoint` and
+`RecursiveCheckpointAdjoint` (W = 64 unless stated):
+
+- the number of steps N: fixed steps of 0.01 over [0, N / 100] (`max_steps` 20,000
+  throughout, so that only N changes);
+- the state: a batch of B states of 4 (10 saved times on [0, 2]);
+- `max_steps` (10 saved times on [0, 2]);
+- for `GaussLegendreAdjoint`, `steps_per_chunk`, at W = 1024 (its parameter-sized
+  buffers show).
+
 Writes `benchmarks/results/gauss_legendre_adjoint{_quick,_tiny}.{json,md}`.
 
 Run: `python benchmarks/gauss_legendre_adjoint.py [--mode full|quick|tiny]`.
@@ -157,6 +168,110 @@ def run(cases, repeats, names):
     return rows
 
 
+def _memory_loss(adjoint, static, *, t1, save_ts, fixed, max_steps):
+    controller = (
+        dfx.ConstantStepSize()
+        if fixed
+        else dfx.PIDController(rtol=RTOL, atol=1e-2 * RTOL)
+    )
+    saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=save_ts)
+
+    def loss(params, y0, target):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(eqx.combine(params, static)),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            0.01 if fixed else None,
+            y0,
+            saveat=saveat,
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=max_steps,
+        )
+        assert sol.ys is not None
+        return jnp.mean((sol.ys - target) ** 2)
+
+    return loss
+
+
+def memory(mode):
+    """Temporary bytes of the compiled gradient, one variable at a time."""
+    small = mode == "tiny"
+    variables = {
+        "steps N": [100, 1000] if small else [100, 1000, 10_000],
+        "state (batch B of 4)": [1, 16] if small else [1, 32, 256],
+        "max_steps": [4096, 100_000],
+        "steps_per_chunk (W = 1024)": [8, 16] if small else [8, 16, 32, 64],
+    }
+    three = {
+        "GaussLegendreAdjoint()": dxe.GaussLegendreAdjoint(),
+        "BacksolveAdjoint": dfx.BacksolveAdjoint(),
+        "RecursiveCheckpointAdjoint": dfx.RecursiveCheckpointAdjoint(),
+    }
+    save_ts = SETTINGS["10 saved"][1]
+    rows = []
+    for variable, values in variables.items():
+        for value in values:
+            width, batch, t1, saves, fixed, max_steps = (
+                64,
+                None,
+                2.0,
+                save_ts,
+                False,
+                20_000,
+            )
+            adjoints = three
+            if variable == "steps N":
+                t1, saves, fixed = value / 100, None, True
+            elif variable.startswith("state"):
+                batch = None if value == 1 else value
+            elif variable == "max_steps":
+                max_steps = value
+            else:
+                width = 8 if small else 1024
+                adjoints = {
+                    f"GaussLegendreAdjoint(steps_per_chunk={value})": (
+                        dxe.GaussLegendreAdjoint(steps_per_chunk=value)
+                    )
+                }
+            params, static, y0, _ = make(width, batch, "10 saved")
+            times = jnp.ones(1) if saves is None else saves
+            target = jnp.sin(times).reshape((-1,) + (1,) * y0.ndim) * jnp.ones_like(y0)
+            for name, adjoint in adjoints.items():
+                loss = _memory_loss(
+                    adjoint,
+                    static,
+                    t1=t1,
+                    save_ts=saves,
+                    fixed=fixed,
+                    max_steps=max_steps,
+                )
+                compiled, _ = compile_timed(jax.jit(jax.grad(loss)), params, y0, target)
+                row = dict(
+                    variable=variable,
+                    value=value,
+                    adjoint=name,
+                    temp_bytes=temp_bytes(compiled),
+                )
+                rows.append(row)
+                log(**row)
+    return rows
+
+
+def memory_markdown(rows) -> str:
+    table = [
+        [r["variable"], r["value"], r["adjoint"], f"{r['temp_bytes'] / 1e6:.3f}"]
+        for r in rows
+    ]
+    header = ["varied", "value:", "adjoint", "temporary memory (MB):"]
+    return (
+        "Temporary memory of the compiled gradient (XLA's `temp_size_in_bytes`), "
+        "one variable at a time; W = 64, state 4, Tsit5, float64 unless stated.\n\n"
+        + markdown_table(header, table)
+    )
+
+
 def markdown(rows, info, repeats) -> str:
     intro = (
         f"{describe(info)} Neural ODE, MLP with two hidden layers of width W, Tsit5 "
@@ -233,8 +348,10 @@ def main():
     info = machine()
     names = args.adjoints.split(",")
     rows = run(CASES[args.mode], args.repeats, names)
-    payload = dict(machine=info, rows=rows)
-    save("gauss_legendre_adjoint", args, payload, markdown(rows, info, args.repeats))
+    memory_rows = memory(args.mode)
+    payload = dict(machine=info, rows=rows, memory=memory_rows)
+    table = markdown(rows, info, args.repeats) + "\n" + memory_markdown(memory_rows)
+    save("gauss_legendre_adjoint", args, payload, table)
 
 
 if __name__ == "__main__":
