@@ -62,6 +62,8 @@ _BACKWARD_KWARGS = frozenset(
 # Piecewise-polynomial paths whose derivative is not smooth across their knots; the
 # backward solve stops there.
 _KNOTTED_PATHS = (LinearInterpolation, CubicInterpolation)
+# Backward steps per batched vector-Jacobian product, for a small state.
+_STEPS_PER_CHUNK = 16
 
 
 class GaussLegendreAdjoint(AbstractAdjoint):
@@ -134,7 +136,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     quadrature_rtol: float | None = eqx.field(static=True)
     quadrature_atol: float | None = eqx.field(static=True)
     max_refinements: int = eqx.field(static=True)
-    steps_per_chunk: int = eqx.field(static=True)
+    steps_per_chunk: int | None = eqx.field(static=True)
     kwargs: dict[str, Any]
 
     def __init__(
@@ -144,7 +146,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         quadrature_rtol: float | None = None,
         quadrature_atol: float | None = None,
         max_refinements: int = 4,
-        steps_per_chunk: int = 16,
+        steps_per_chunk: int | None = None,
         **kwargs,
     ):
         """**Arguments:**
@@ -160,9 +162,10 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         - `max_refinements`: how many times the backward steps may be halved for the
             quadrature before the gradient is declared inaccurate.
         - `steps_per_chunk`: how many backward steps are integrated by one batched
-            vector-Jacobian product. Larger is faster for large models and costs
-            memory in proportion (`steps_per_chunk * n_nodes` evaluations of the
-            vector field at once).
+            vector-Jacobian product, of `steps_per_chunk * (2 * n_nodes - 1)`
+            evaluations of the vector field at once. Larger is faster for large
+            models and costs memory in proportion. By default 16, or fewer for a
+            large state: at most `512 / (size of y)`, and at least 1.
         - `**kwargs`: options for the backward solve, as for
             `diffrax.BacksolveAdjoint`: `solver`, `stepsize_controller`, `dt0`,
             `max_steps` and `throw`. Each defaults to what the forward solve used
@@ -182,7 +185,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             )
         for name, value in (
             ("max_refinements", max_refinements),
-            ("steps_per_chunk", steps_per_chunk),
+            ("steps_per_chunk", 1 if steps_per_chunk is None else steps_per_chunk),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"`{name}` must be an integer, but got {value!r}.")
@@ -190,7 +193,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             raise ValueError(
                 f"`max_refinements` must be at least 0, but got {max_refinements}."
             )
-        if steps_per_chunk < 1:
+        if steps_per_chunk is not None and steps_per_chunk < 1:
             raise ValueError(
                 f"`steps_per_chunk` must be at least 1, but got {steps_per_chunk}."
             )
@@ -219,7 +222,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             None if quadrature_atol is None else float(quadrature_atol)
         )
         self.max_refinements = int(max_refinements)
-        self.steps_per_chunk = int(steps_per_chunk)
+        self.steps_per_chunk = None if steps_per_chunk is None else int(steps_per_chunk)
         self.kwargs = kwargs
 
     def loop(
@@ -495,6 +498,74 @@ def _tolerance(value: float | None, fallback, floor: float):
     return jnp.maximum(fallback, floor)
 
 
+def _backward_stepping(user, forward, dt0, direction, time_dtype):
+    """How the backward solve steps: `(adaptive controller or None, fixed step or
+    None, jump times, step times)` from the controller passed to the adjoint (in the
+    user's time) or else the forward solve's (already in normalised time)."""
+    if user is None:
+        controller = forward
+    elif isinstance(user, StepTo):
+        raise ValueError(
+            f"`{_NAME}(stepsize_controller=diffrax.StepTo(...))` cannot be used: "
+            "the backward solve also stops at every saved time, jump and knot. "
+            f"Pass `{_NAME}(stepsize_controller=diffrax.ConstantStepSize(), "
+            "dt0=...)` or an adaptive controller."
+        )
+    else:
+        controller = user.wrap(direction)
+    jumps, steps = [], []
+    if isinstance(controller, ClipStepSizeController):
+        # Its times become stops of the backward solve, which clips its steps itself.
+        if controller.jump_ts is not None:
+            jumps.append(controller.jump_ts)
+        if controller.step_ts is not None:
+            steps.append(controller.step_ts)
+        controller = controller.controller
+    if isinstance(controller, StepTo):
+        # The forward grid, backwards: one step between consecutive grid times.
+        steps.append(controller.ts)
+        return None, jnp.asarray(jnp.inf, time_dtype), jumps, steps
+    if isinstance(controller, ConstantStepSize):
+        if dt0 is None:
+            raise ValueError(
+                f"The backward solve of `{_NAME}()` takes constant steps but has no "
+                f"step size: pass `{_NAME}(dt0=...)`."
+            )
+        return None, dt0, jumps, steps
+    if isinstance(controller, AbstractAdaptiveStepSizeController):
+        return controller, None, jumps, steps
+    raise ValueError(
+        f"`{_NAME}()` cannot run its backward solve with the step size controller "
+        f"`{type(controller).__name__}`. Pass one with "
+        f"`{_NAME}(stepsize_controller=diffrax.PIDController(rtol=..., atol=...))` "
+        "or `diffrax.ConstantStepSize()` with `dt0=...`."
+    )
+
+
+def _quadrature(self: GaussLegendreAdjoint, adaptive, y0) -> Quadrature:
+    """The rule and its tolerance: the adjoint's, else the backward controller's,
+    raised to the rounding level of the two rules' difference."""
+    floor = 1000 * _epsilon(y0)
+    if adaptive is None:
+        rtol = atol = max(1e-6, floor)
+    else:
+        rtol, atol = getattr(adaptive, "rtol", 1e-6), getattr(adaptive, "atol", 1e-6)
+    chunk_size = self.steps_per_chunk
+    if chunk_size is None:
+        # The nodes' batch holds the vector field's intermediate values at every node:
+        # for a large state, fewer steps at a time keep it to a few times the memory of
+        # `RecursiveCheckpointAdjoint` (measured: 17x at a state of 1024 with 16).
+        size = sum(math.prod(jnp.shape(x)) for x in jtu.tree_leaves(y0))
+        chunk_size = min(_STEPS_PER_CHUNK, max(1, 512 // max(size, 1)))
+    return Quadrature(
+        rule=GaussRule(self.n_nodes),
+        chunk_size=chunk_size,
+        max_refinements=self.max_refinements,
+        rtol=_tolerance(self.quadrature_rtol, rtol, floor),
+        atol=_tolerance(self.quadrature_atol, atol, floor),
+    )
+
+
 def _setup(
     self: GaussLegendreAdjoint,
     *,
@@ -510,62 +581,19 @@ def _setup(
 ) -> _Setup:
     """Resolves the backward solve's solver, controller, step and tolerances."""
     options = self.kwargs
-    user = options.get("stepsize_controller")
     dt0 = options.get("dt0", dt0)
     dt0 = None if dt0 is None else jnp.abs(jnp.asarray(dt0, time_dtype))
-    if user is not None:
-        if isinstance(user, StepTo):
-            raise ValueError(
-                f"`{_NAME}(stepsize_controller=diffrax.StepTo(...))` cannot be used: "
-                "the backward solve also stops at every saved time, jump and knot. "
-                f"Pass `{_NAME}(stepsize_controller=diffrax.ConstantStepSize(), "
-                "dt0=...)` or an adaptive controller."
-            )
-        controller = user.wrap(direction)
-    else:
-        controller = stepsize_controller
-    jumps, steps = [], []
-    if isinstance(controller, ClipStepSizeController):
-        if controller.jump_ts is not None:
-            jumps.append(controller.jump_ts)
-        if controller.step_ts is not None:
-            steps.append(controller.step_ts)
-        controller = controller.controller
-    inf = jnp.asarray(jnp.inf, time_dtype)
-    if isinstance(controller, StepTo):
-        # The forward grid, backwards: one step between consecutive grid times.
-        steps.append(controller.ts)
-        adaptive, step = None, inf
-    elif isinstance(controller, ConstantStepSize):
-        if dt0 is None:
-            raise ValueError(
-                f"The backward solve of `{_NAME}()` takes constant steps but has no "
-                f"step size: pass `{_NAME}(dt0=...)`."
-            )
-        adaptive, step = None, dt0
-    elif isinstance(controller, AbstractAdaptiveStepSizeController):
-        adaptive, step = controller, None
-    else:
-        raise ValueError(
-            f"`{_NAME}()` cannot run its backward solve with the step size controller "
-            f"`{type(controller).__name__}`. Pass one with "
-            f"`{_NAME}(stepsize_controller=diffrax.PIDController(rtol=..., "
-            "atol=...))` or `diffrax.ConstantStepSize()` with `dt0=...`."
-        )
+    adaptive, step, jumps, steps = _backward_stepping(
+        options.get("stepsize_controller"),
+        stepsize_controller,
+        dt0,
+        direction,
+        time_dtype,
+    )
+    # Each stop ends a backward step that the forward solve need not have taken.
+    num_stops += sum(math.prod(jnp.shape(x)) for x in jumps + steps)
     max_steps = options.get(
         "max_steps", None if max_steps is None else max_steps + num_stops
-    )
-    floor = 1000 * _epsilon(y0)
-    if adaptive is None:
-        rtol = atol = max(1e-6, floor)
-    else:
-        rtol, atol = getattr(adaptive, "rtol", 1e-6), getattr(adaptive, "atol", 1e-6)
-    quadrature = Quadrature(
-        rule=GaussRule(self.n_nodes),
-        chunk_size=self.steps_per_chunk,
-        max_refinements=self.max_refinements,
-        rtol=_tolerance(self.quadrature_rtol, rtol, floor),
-        atol=_tolerance(self.quadrature_atol, atol, floor),
     )
     backward = BackwardSolve(
         solver=options.get("solver", solver),
@@ -576,7 +604,7 @@ def _setup(
     )
     return _Setup(
         backward=backward,
-        quadrature=quadrature,
+        quadrature=_quadrature(self, adaptive, y0),
         jumps=jumps,
         steps=steps,
         throw=options.get("throw", throw),
