@@ -17,7 +17,7 @@ import numpy as np
 
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-MODES = ("tiny", "quick", "full")
+MODES = ("tiny", "quick", "full", "device")
 
 
 def parse_args(
@@ -27,10 +27,11 @@ def parse_args(
     whose first line describes it in `--help`.
 
     `--mode` picks the problem sizes: `full` (the published tables), `quick` (a few
-    minutes on 2 CPU cores) or `tiny` (seconds; checks that everything runs, the
-    numbers mean little). `--quick` is short for `--mode quick`. Results go to
-    `--out` (default `benchmarks/results/`) as `<name>.{json,md}`, with `_quick` or
-    `_tiny` appended outside full mode.
+    minutes on 2 CPU cores), `tiny` (seconds; checks that everything runs, the
+    numbers mean little) or `device` (for one GPU; `python -m benchmarks --device`).
+    `--quick` is short for `--mode quick`. Results go to
+    `--out` (default `benchmarks/results/`) as `<name>.{json,md}`, with `_quick`,
+    `_tiny` or `_device` appended outside full mode.
     """
     parser = argparse.ArgumentParser(description=first_line(doc))
     parser.add_argument("--mode", choices=MODES, default="full")

@@ -250,6 +250,7 @@ SIZES = {
     "quick": ([1000], LEVY_AREAS, CONTEXTS, MODES),
     # Only the rows the benchmark runner's headline reads.
     "tiny": ([100], LEVY_AREAS[:1], ["diffeqsolve"], ["on"]),
+    "device": ([10_000], LEVY_AREAS, ["diffeqsolve"], ["on", "off"]),
 }
 
 

@@ -333,6 +333,7 @@ CASES = {
     "full": _cases([64, 256, 1024, 2048]),
     "quick": _cases([64, 1024]),
     "tiny": _cases([8], large=False),
+    "device": _cases([1024, 4096], large=False) + [("10 saved", 256, 1024)],
 }
 
 

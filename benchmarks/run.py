@@ -9,15 +9,25 @@ for, then reads their JSON results and writes:
 - `results.json`: the machine, the headline rows and every benchmark's results;
 - `results/charts/*.png`: a bar chart per benchmark and one of the headline.
 
-Outside full mode the files are `results_quick.*` / `results_tiny.*`. Each A/B pair
+Outside full mode the files are `results_quick.*` / `results_tiny.*`. The `peers`
+section (the PyTorch libraries, `peers.py`) needs the optional `[peers]` dependencies
+and is skipped, with a message, where torch is not importable. Each A/B pair
 is timed in the same process, interleaved, after compilation; compile time is
 reported separately. `--sections` reruns some benchmarks and reuses the others'
 saved results (each table names the date and machine it was measured on).
 
-Run: `python -m benchmarks [--quick | --full | --mode tiny] [--sections a,b]`.
+`--device` runs the sections that matter on an accelerator (reversible adjoint, neural
+SDE step, Brownian paths, Gauss–Legendre adjoint) at the sizes of each script's
+`device` entry, meant to finish in under 8 minutes on one H100/H200 (JAX with CUDA),
+and writes `results_gpu.{md,json}` naming the device; `--device --mode tiny` runs the
+same sections at their tiny sizes on any machine (`results_gpu_tiny.*`).
+
+Run: `python -m benchmarks [--quick | --full | --mode tiny] [--device]
+[--sections a,b]`.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -48,6 +58,20 @@ SECTIONS = {
     "gauss_legendre_adjoint": "Gauss–Legendre quadrature adjoint against Backsolve",
     "sde_gan_step": "SDE-GAN step: weight clipping against gradient penalty",
     "gradient_error": "Gradient error of each adjoint",
+    "peers": "Peers: the PyTorch libraries users would pick instead",
+}
+# Sections that need the optional `[peers]` dependencies (torch).
+NEEDS_TORCH = {"peers"}
+# `--device`: these sections, in this order, with extra arguments for their scripts
+# and their default repeats. Sized from estimates of 50-100 µs per solver step on
+# one GPU (diffrax's loop is launch-bound at these sizes): about 2 + 1.5 + 1 + 3.5
+# minutes. The reversible adjoint's N = 100,000 dominates, so it is timed once after
+# its warm-up, and without the Tsit5 group (which doubles it; the CPU table has it).
+DEVICE_SECTIONS = {
+    "sde_step": ([], 2),
+    "brownian": ([], 2),
+    "gauss_legendre_adjoint": ([], 2),
+    "reversible_adjoint": (["--groups", "ReversibleHeun"], 1),
 }
 KIDGER = "Kidger et al. 2021"
 MCCALLUM = "McCallum & Foster 2024"
@@ -223,6 +247,11 @@ def headline_gradient_error(data):
     return out
 
 
+def headline_peers(data):
+    # Its own table (README, results/peers.md): the headline compares with diffrax.
+    return []
+
+
 HEADLINES = {
     "sde_step": headline_sde_step,
     "brownian": headline_brownian,
@@ -230,6 +259,7 @@ HEADLINES = {
     "gauss_legendre_adjoint": headline_gauss_legendre_adjoint,
     "sde_gan_step": headline_sde_gan_step,
     "gradient_error": headline_gradient_error,
+    "peers": headline_peers,
 }
 
 
@@ -293,6 +323,24 @@ def chart(name, data, path):
         bar_chart(
             path, SECTIONS[name], [r["variant"] for r in rows], series, "ms per step"
         )
+    elif name == "peers":
+        rows = [
+            r
+            for p in data["processes"]
+            for r in p["timing"]
+            if not r.get("skipped") and r["side"] == "peer"
+        ]
+
+        def peer_label(r):
+            peer = r["configuration"].split(" (")[0]
+            peer += ", seminorm" if "seminorm" in r["configuration"] else ""
+            problem = r["problem"].split(" (")[0].split(" consecutive")[0]
+            return f"{peer}: {problem.split(', ')[-1]}, threads {r['threads']}"
+
+        labels = [peer_label(r) for r in rows]
+        series = {"peer's time / ours": [r["peer_over_ours"] for r in rows]}
+        title = "The PyTorch peers: their time / ours"
+        bar_chart(path, title, labels, series, "x (above 1: ours faster)", log=True)
     elif name == "gradient_error":
         rows = data["adjoints"]
         labels = [f"{r['solver']} + {r['adjoint']}" for r in rows]
@@ -324,17 +372,24 @@ def fmt(value):
     return f"{value:.1e}" if value < 1e-2 else f"{value:.2f}"
 
 
-def report(mode, info, results, headline, charts) -> str:
-    command = "python -m benchmarks" + ("" if mode == "full" else f" --mode {mode}")
+def report(mode, info, results, headline, charts, device=False, left_out=()) -> str:
+    command = "python -m benchmarks" + (" --device" if device else "")
+    command += "" if mode in ("full", "device") else f" --mode {mode}"
     lines = [
-        f"# Benchmark results ({mode} mode)",
+        f"# Benchmark results ({mode} mode{', device' if device else ''})",
         "",
         f"Report assembled {info['date']} by `{command}`. {describe(info)} Each "
         "table below names the date and machine it was measured on.",
         "",
-        "## Headline",
-        "",
     ]
+    if device:
+        lines += [f"Device: {info['device']}.", ""]
+        if info["gpu"] is None:
+            lines += ["No GPU was found: these numbers are from the CPU.", ""]
+    if left_out:
+        names = ", ".join(f"`{name}`" for name in left_out)
+        lines += [f"Left out (no saved results): {names}.", ""]
+    lines += ["## Headline", ""]
     table = []
     for r in headline:
         space = "" if r["unit"].startswith("x") else " "
@@ -356,7 +411,9 @@ def report(mode, info, results, headline, charts) -> str:
         "",
     ]
     lines.append(f"![headline](results/charts/{charts['headline']})\n")
-    for name in SECTIONS:
+    for name in charts:
+        if name == "headline":
+            continue
         text = (results / f"{result_stem(name, mode)}.md").read_text()
         lines += [f"## {SECTIONS[name]}", "", text]
         lines.append(f"![{name}](results/charts/{charts[name]})\n")
@@ -370,8 +427,13 @@ def main():
     modes.add_argument("--full", action="store_true", help="the published tables")
     modes.add_argument("--mode", choices=["tiny", "quick", "full"])
     parser.add_argument(
+        "--device",
+        action="store_true",
+        help="the accelerator run (under 8 min on one H100/H200); with --mode tiny, "
+        "its tiny form on any machine",
+    )
+    parser.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
         help="comma-separated benchmarks to run; the others' saved results are used",
     )
     parser.add_argument("--repeats", type=int, help="passed to every benchmark")
@@ -383,22 +445,44 @@ def main():
     )
     args = parser.parse_args()
     mode = args.mode or ("quick" if args.quick else "full")
+    if args.device:
+        if mode not in ("full", "tiny"):
+            parser.error("--device takes no mode but --mode tiny (its tiny form)")
+        # The scripts' `device` size entries, or their tiny ones for the tiny form.
+        mode = "device" if mode == "full" else mode
+    sections = list(DEVICE_SECTIONS) if args.device else list(SECTIONS)
     out = args.out
     results = out / "results"
     (results / "charts").mkdir(parents=True, exist_ok=True)
-    to_run = [s for s in args.sections.split(",") if s]
-    unknown = set(to_run) - set(SECTIONS)
+    requested = args.sections if args.sections is not None else ",".join(sections)
+    to_run = [s for s in requested.split(",") if s]
+    unknown = set(to_run) - set(sections)
     if unknown:
-        parser.error(f"unknown --sections {sorted(unknown)}; choose from {SECTIONS}")
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from {sections}")
+    has_torch = importlib.util.find_spec("torch") is not None
+    skipped = set()
+    if not has_torch:
+        skipped = NEEDS_TORCH & set(sections)
+        for name in sorted(skipped & set(to_run)):
+            print(
+                f"== {name}: skipped, torch is not importable (install the "
+                '`[peers]` extra: pip install -e ".[peers]")',
+                flush=True,
+            )
 
     timings = {}
-    for name in SECTIONS:
-        if name not in to_run:
+    for name in sections:
+        if name not in to_run or name in skipped:
             continue
         command = [sys.executable, str(HERE / f"{name}.py"), "--mode", mode]
         command += ["--out", str(results)]
-        if args.repeats is not None:
-            command += ["--repeats", str(args.repeats)]
+        repeats = args.repeats
+        if args.device:
+            extra, device_repeats = DEVICE_SECTIONS[name]
+            command += extra
+            repeats = device_repeats if repeats is None else repeats
+        if repeats is not None:
+            command += ["--repeats", str(repeats)]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         env = dict(os.environ)
         if mode == "tiny":
@@ -410,13 +494,18 @@ def main():
         timings[name] = time.perf_counter() - start
         print(f"== {name} took {timings[name]:.0f} s", flush=True)
 
-    sections, headline, charts = {}, [], {}
-    for name in SECTIONS:
+    data_by_section, headline, charts, left_out = {}, [], {}, []
+    for name in sections:
         path = results / f"{result_stem(name, mode)}.json"
+        if not path.exists() and (name in NEEDS_TORCH or args.device):
+            # A device run may be partial (`--sections`): it reports what it has.
+            print(f"== {name}: no saved results, left out of the report", flush=True)
+            left_out.append(name)
+            continue
         if not path.exists():
             sys.exit(f"{path} is missing: run with --sections {name}")
         data = json.loads(path.read_text())
-        sections[name] = data
+        data_by_section[name] = data
         headline += HEADLINES[name](data)
         charts[name] = f"{result_stem(name, mode)}.png"
         chart(name, data, results / "charts" / charts[name])
@@ -424,15 +513,21 @@ def main():
     headline_chart(headline, results / "charts" / charts["headline"])
 
     info = machine()
-    stem = result_stem("results", mode)
-    text = report(mode, info, results, headline, charts)
+    if args.device:
+        stem = "results_gpu" + ("" if mode == "device" else f"_{mode}")
+    else:
+        stem = result_stem("results", mode)
+    text = report(mode, info, results, headline, charts, args.device, left_out)
     (out / f"{stem}.md").write_text(text)
     payload = dict(
         machine=info,
         mode=mode,
+        device=info["device"],
         seconds_per_section=timings,
+        seconds=sum(timings.values()),
+        left_out=left_out,
         headline=headline,
-        sections=sections,
+        sections=data_by_section,
     )
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     print(text)

@@ -1,7 +1,27 @@
 """The one module that touches private diffrax and `equinox.internal` names.
 
 diffrax's internals change between releases; keeping every such import here means that
-an upgrade of diffrax touches this file only.
+an upgrade of diffrax touches this file only. Beyond these names, the package relies on
+these behaviours of diffrax's private code, each checked by
+`tests/test_diffrax_internals.py` so that an upgrade that changes one fails there:
+
+1. `diffrax._integrate.loop` runs its solve in one call of the `outer_while_loop` it
+   is given, as `outer_while_loop(cond_fun, body_fun, init_val, max_steps=...,
+   buffers=...)`, over a `State` with `tprev`, `tnext`, `made_jump`,
+   `num_accepted_steps`, `y` and `solver_state`; `made_jump` is a Python bool when it
+   cannot change.
+   (`_adjoint/step_record.py`)
+2. It writes a `SubSaveAt`'s outputs in this order: `t0`; after each accepted step
+   the `ts` that the step reached (`ts[k] <= tnext`), then the every-`steps`-th
+   output, saved at the next step's start; last `t1`, unless the `steps` outputs end
+   with it. (`_adjoint/saved_outputs.py`)
+3. After a jump of `ClipStepSizeController` the next step starts one or two
+   floating-point numbers after the jump time. (`_solver/asynchronous_leapfrog.py`)
+4. `diffeqsolve` wraps every term in `WrapTerm(term, direction)` and every
+   `SubSaveAt.fn` in a closure, and a callable control of a `ControlTerm` in
+   `_CallableToPath(fn)`. (`_adjoint/common.py`)
+5. `isinstance` checks against solver classes see through an `AbstractWrappedSolver`
+   to its `solver`. (`_solver/reversible.py`)
 """
 
 import functools as ft
@@ -34,6 +54,7 @@ from diffrax._term import (
 
 
 while_loop = eqxi.while_loop
+buffer_at_set = eqxi.buffer_at_set
 nondifferentiable = eqxi.nondifferentiable
 nondifferentiable_backward = eqxi.nondifferentiable_backward
 unvmap_any = eqxi.unvmap_any
@@ -58,6 +79,7 @@ def result_index(result: Any) -> Any:
 __all__ = [
     "Args",
     "BoolScalarLike",
+    "buffer_at_set",
     "CallableToPath",
     "ControlToODE",
     "DenseInfo",

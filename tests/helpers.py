@@ -20,6 +20,8 @@ import numpy as np
 import diffrax_extras as dxe
 
 
+# float64: the reversible adjoint reconstructs states to rounding error only.
+EXACT = 1e-10
 T0, T1 = 0.0, 1.0
 DEFAULT_DT0 = 0.05
 SAVE_TS = np.linspace(0.13, 0.97, 6)
@@ -313,11 +315,13 @@ def fused_vjp_error(solver, kind: str = "ode") -> float:
         (y1, dense, state1),
     )
 
+    ct_y1, ct_dense, ct_state1 = cotangents
+
     def run(backward_step_vjp):
         y0_, dense_, state0_, _, pullback = backward_step_vjp(
-            solver, terms, t0, t1, y1, args, state1, False, False
+            solver, terms, t0, t1, y1, args, state1, False, False, ct_y1, ct_state1
         )
-        return (y0_, dense_, state0_), pullback(cotangents)
+        return (y0_, dense_, state0_), pullback(ct_dense)
 
     default = run(dxe.AbstractReversibleSolver.backward_step_vjp)
     fused = run(type(solver).backward_step_vjp)
@@ -382,3 +386,28 @@ def measured_order(solver, dts, t1: float = 2.0) -> tuple[float, list[float]]:
     errors = [float(np.max(np.abs(np.asarray(final(dt)) - exact))) for dt in dts]
     order = np.polyfit(np.log(dts), np.log(errors), 1)[0]
     return float(order), errors
+
+
+def neural_sde_ys(params, static, y0, key):
+    """A neural SDE with the whole stack (ReversibleHeun, BrownianInterval,
+    ReversibleAdjoint): its values at five times. Shared by the determinism test and
+    the sharding script."""
+    model = eqx.combine(params, static)
+    bm = dxe.BrownianInterval(0.0, 1.0, 2**-6, (2,), key, dt=0.05)
+    terms = dfx.MultiTerm(
+        dfx.ODETerm(lambda t, y, args: model(y)),
+        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(jnp.tanh(y)), bm),
+    )
+    sol = dfx.diffeqsolve(
+        terms,
+        dxe.ReversibleHeun(),
+        0.0,
+        1.0,
+        0.05,
+        y0,
+        saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 5)),
+        adjoint=dxe.ReversibleAdjoint(),
+        max_steps=20,
+    )
+    assert sol.ys is not None
+    return sol.ys

@@ -33,7 +33,7 @@ RUNS = {
         "examples/sde_gan.py",
         "--both",
     ),
-    "test_sharded_batch_matches_unsharded": ("tests/sharding_script.py",),
+    "test_sharded_batch_matches_unsharded": ("-m", "tests.sharding_script"),
     "test_runner_writes_every_row": (
         "-m",
         "benchmarks",
@@ -41,6 +41,21 @@ RUNS = {
         "tiny",
         "--repeats",
         "1",
+        "--out",
+        "{out}",
+    ),
+    # The tiny form of the GPU run, on two of its sections (the runner test above
+    # covers the others' tiny sizes).
+    "test_device_tiny_form_writes_its_report": (
+        "-m",
+        "benchmarks",
+        "--device",
+        "--mode",
+        "tiny",
+        "--repeats",
+        "1",
+        "--sections",
+        "brownian,reversible_adjoint",
         "--out",
         "{out}",
     ),

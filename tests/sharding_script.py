@@ -1,4 +1,5 @@
-"""Run by `tests/test_sharding.py` in its own process, with 4 CPU devices
+"""Run by `tests/test_sharding.py` in its own process (`python -m
+tests.sharding_script`), with 4 CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=4`, which must be set before JAX
 starts): a batch of neural SDE solves with `ReversibleHeun`, `BrownianInterval` and
 `ReversibleAdjoint`, its loss and gradients computed unsharded and with the batch
@@ -12,7 +13,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 )
 
-import diffrax as dfx  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -20,32 +20,10 @@ import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-import diffrax_extras as dxe  # noqa: E402
+from tests.helpers import neural_sde_ys as solve  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)
-
-
-def solve(params, static, y0, key):
-    model = eqx.combine(params, static)
-    bm = dxe.BrownianInterval(0.0, 1.0, 2**-6, (2,), key, dt=0.05)
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, args: model(y)),
-        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(jnp.tanh(y)), bm),
-    )
-    sol = dfx.diffeqsolve(
-        terms,
-        dxe.ReversibleHeun(),
-        0.0,
-        1.0,
-        0.05,
-        y0,
-        saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 5)),
-        adjoint=dxe.ReversibleAdjoint(),
-        max_steps=20,
-    )
-    assert sol.ys is not None
-    return sol.ys
 
 
 def main():

@@ -2,10 +2,12 @@
 its JSON and the charts, with every comparison that issue #8 asks for. The numbers
 of a tiny run mean little; that they are present and finite is what is checked."""
 
+import ast
+import importlib.util
 import json
 import math
 
-from .processes import result
+from .processes import result, ROOT
 
 
 # What each comparison must show: a row naming ours and the diffrax alternative.
@@ -47,14 +49,20 @@ def test_runner_writes_every_row():
 
     for key in ("cpu", "cores", "gpu", "jax", "jaxlib", "diffrax", "date"):
         assert key in data["machine"]
-    assert set(data["sections"]) == {
-        "sde_step",
-        "brownian",
-        "reversible_adjoint",
-        "gauss_legendre_adjoint",
-        "sde_gan_step",
-        "gradient_error",
-    }
+    # `peers` needs torch, which the test environment need not have.
+    peers = {"peers"} if importlib.util.find_spec("torch") is not None else set()
+    assert (
+        set(data["sections"])
+        == {
+            "sde_step",
+            "brownian",
+            "reversible_adjoint",
+            "gauss_legendre_adjoint",
+            "sde_gan_step",
+            "gradient_error",
+        }
+        | peers
+    )
 
     headline = report.split("## Headline")[1].split("\n## ")[0]
     for figure in PAPER_FIGURES:
@@ -80,4 +88,76 @@ def test_runner_writes_every_row():
             assert row in section, (title, row)
         chart = section.split("](results/charts/")[1].split(")")[0]
         assert (folder / "results" / "charts" / chart).stat().st_size > 1000
+    assert (folder / "results" / "charts" / "headline_tiny.png").stat().st_size > 1000
+
+
+def _dict_keys(tree: ast.Module, name: str) -> dict[str, ast.expr]:
+    """The entries of the module-level dict literal assigned to `name`."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            assert isinstance(node.value, ast.Dict)
+            return {
+                ast.literal_eval(k): v
+                for k, v in zip(node.value.keys, node.value.values, strict=True)
+                if k is not None
+            }
+    raise AssertionError(f"no {name} in the module")
+
+
+def test_device_mode_has_sizes_in_every_section():
+    """`python -m benchmarks --device` runs the reversible adjoint, the neural SDE
+    step, the Brownian paths and the Gauss–Legendre adjoint, each at its script's
+    `device` sizes; the reversible adjoint spans N = 1,000 to 100,000."""
+    benchmarks = ROOT / "benchmarks"
+    runner = ast.parse((benchmarks / "run.py").read_text())
+    sections = set(_dict_keys(runner, "DEVICE_SECTIONS"))
+    assert sections == {
+        "sde_step",
+        "brownian",
+        "gauss_legendre_adjoint",
+        "reversible_adjoint",
+    }
+    tables = {"gauss_legendre_adjoint": "CASES"}
+    for name in sections:
+        tree = ast.parse((benchmarks / f"{name}.py").read_text())
+        entries = _dict_keys(tree, tables.get(name, "SIZES"))
+        assert "device" in entries, name
+    tree = ast.parse((benchmarks / "reversible_adjoint.py").read_text())
+    grid = ast.literal_eval(_dict_keys(tree, "SIZES")["device"])[0]
+    assert min(grid) == 1000 and max(grid) == 100_000
+
+
+def test_device_tiny_form_writes_its_report():
+    """The tiny form of the GPU run (`--device --mode tiny`) writes
+    `results_gpu_tiny.{md,json}` naming the device, with the reversible adjoint's
+    time and memory against `RecursiveCheckpointAdjoint` and the Brownian rows, and
+    names the sections it left out."""
+    _, folder = result("test_device_tiny_form_writes_its_report")
+    report = (folder / "results_gpu_tiny.md").read_text()
+    data = json.loads((folder / "results_gpu_tiny.json").read_text())
+    assert f"Device: {data['device']}." in report
+    assert data["machine"]["device"] == data["device"]
+    assert set(data["sections"]) == {"brownian", "reversible_adjoint"}
+    assert data["left_out"] == ["sde_step", "gauss_legendre_adjoint"]
+    assert "`sde_step`" in report and "`gauss_legendre_adjoint`" in report
+
+    rows = data["sections"]["reversible_adjoint"]["rows"]
+    assert {r["group"] for r in rows} == {"ReversibleHeun"}
+    assert {r["adjoint"] for r in rows} == {
+        "ReversibleAdjoint",
+        "RecursiveCheckpointAdjoint",
+        "store-every-step",
+    }
+    for r in rows:
+        assert math.isfinite(r["seconds"]) and r["seconds"] > 0, r
+        assert r["temp_bytes"] > 0, r
+    section = report.split("## Reversible adjoint")[1].split("\n## ")[0]
+    assert "ReversibleHeun: ReversibleAdjoint" in section
+    assert "ReversibleHeun: RecursiveCheckpointAdjoint" in section
+    section = report.split("## Brownian motion")[1].split("\n## ")[0]
+    assert "BrownianIncrement | diffeqsolve | on" in section
+    for row in data["headline"]:
+        assert math.isfinite(row["measured"]) and row["measured"] >= 0, row
     assert (folder / "results" / "charts" / "headline_tiny.png").stat().st_size > 1000

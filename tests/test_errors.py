@@ -590,6 +590,18 @@ CASES = {
         ValueError,
         "`dt` must lie in",
     ),
+    "BrownianInterval dt below the resolution of float32 times": (
+        lambda: _interval(
+            t0=jnp.float32(1e4), t1=jnp.float32(1e4 + 1), tol=jnp.float32(1e-4), dt=1e-3
+        ),
+        ValueError,
+        "cannot be told apart in float32",
+    ),
+    "BrownianInterval more than 2**31 pieces": (
+        lambda: _interval(dt=1e-10),
+        ValueError,
+        "More than 2\\*\\*31 - 1 pieces",
+    ),
     "BrownianInterval traced dt<0": (
         lambda: jax.jit(lambda dt: _interval(dt=dt).evaluate(0.1, 0.2))(-0.1),
         Exception,

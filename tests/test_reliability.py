@@ -21,6 +21,8 @@ import pytest
 
 import diffrax_extras as dxe
 
+from .helpers import neural_sde_ys
+
 
 ADJOINTS = {
     "ReversibleAdjoint": (dxe.ReversibleHeun(), dxe.ReversibleAdjoint()),
@@ -174,27 +176,7 @@ def test_unstable_reconstruction_raises_or_gives_nan():
 
 
 def _neural_sde_loss(key, params, static):
-    """A neural SDE with the whole stack: ReversibleHeun, BrownianInterval,
-    ReversibleAdjoint."""
-    model = eqx.combine(params, static)
-    bm = dxe.BrownianInterval(0.0, 1.0, 2**-6, (2,), key, dt=0.05)
-    terms = dfx.MultiTerm(
-        dfx.ODETerm(lambda t, y, args: model(y)),
-        dfx.ControlTerm(lambda t, y, args: 0.3 * jnp.diag(jnp.tanh(y)), bm),
-    )
-    sol = dfx.diffeqsolve(
-        terms,
-        dxe.ReversibleHeun(),
-        0.0,
-        1.0,
-        0.05,
-        jnp.array([0.5, -0.3]),
-        saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 5)),
-        adjoint=dxe.ReversibleAdjoint(),
-        max_steps=20,
-    )
-    assert sol.ys is not None
-    return jnp.mean(sol.ys**2)
+    return jnp.mean(neural_sde_ys(params, static, jnp.array([0.5, -0.3]), key) ** 2)
 
 
 def test_bitwise_deterministic_values_and_gradients():

@@ -28,7 +28,7 @@ def _diffrax_solvers():
             solver = cls()
         except TypeError:
             try:  # the Langevin solvers' Taylor threshold
-                solver = cls(100.0)
+                solver = cls(100.0)  # pyright: ignore[reportCallIssue]
             except TypeError:
                 continue
         out.append(solver)

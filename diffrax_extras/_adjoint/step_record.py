@@ -11,7 +11,7 @@ all. For a solve of `max_steps` steps that is `max_steps` times (8 bytes in floa
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from diffrax import (
 )
 from jaxtyping import Array, Bool, Int, Real
 
-from .._diffrax_internals import lax_inner_loop, State, while_loop
+from .._diffrax_internals import buffer_at_set, lax_inner_loop, State, while_loop
 
 
 class StepRecord(eqx.Module):
@@ -108,7 +108,6 @@ def loop_and_record_steps(
     records = []
 
     def outer_while_loop(cond_fun, body_fun, init_val, *, max_steps, buffers=None):
-        del buffers
         time_dtype = jnp.result_type(init_val.tprev)
         # Flags are needed if a step may start after a jump: from `jump_ts`, or for
         # the first step, from `diffeqsolve(..., made_jump=True)`. (`None` for a
@@ -134,24 +133,33 @@ def loop_and_record_steps(
                 )
             accepted = new_state.num_accepted_steps > state.num_accepted_steps
             i = state.num_accepted_steps
-
-            def _put(buffer, index, value, pred):
-                return buffer.at[index].set(jnp.where(pred, value, buffer[index]))
-
-            tnext = _put(tnext, i, state.tnext, accepted)
+            # Each entry is written once, when its step is accepted: the buffers'
+            # in-place writes (no copy of the whole record per step, which under
+            # `jax.vmap` with a batched predicate would otherwise be made).
+            tnext = buffer_at_set(tnext, i, state.tnext, pred=accepted)
             if flags is not None:
-                flags = _put(flags, i, jnp.asarray(state.made_jump), accepted)
+                made_jump = jnp.asarray(state.made_jump)
+                flags = buffer_at_set(flags, i, made_jump, pred=accepted)
             if jump_tprev is not None:
                 jump_next = accepted & jnp.asarray(new_state.made_jump)
                 index = jnp.minimum(num_jumps, max_jumps - 1)
-                jump_tprev = _put(jump_tprev, index, new_state.tprev, jump_next)
+                jump_tprev = buffer_at_set(
+                    jump_tprev, index, new_state.tprev, pred=jump_next
+                )
                 num_jumps = num_jumps + jump_next.astype(jnp.int32)
             return new_state, tnext, flags, jump_tprev, num_jumps
 
+        def _buffers(carry):
+            state, tnext, flags, jump_tprev, _ = carry
+            own = [x for x in (tnext, flags, jump_tprev) if x is not None]
+            return [*([] if buffers is None else [buffers(state)]), *own]
+
         carry = (init_val, tnext, flags, jump_tprev, jnp.array(0, jnp.int32))
-        final_state, tnext, flags, jump_tprev, _ = while_loop(
-            _cond, _body, carry, max_steps=max_steps, kind="lax"
+        out = while_loop(
+            _cond, _body, carry, max_steps=max_steps, buffers=_buffers, kind="lax"
         )
+        # Plain arrays again once the loop is done.
+        final_state, tnext, flags, jump_tprev, _ = cast(tuple[Any, ...], out)
         records.append(
             StepRecord(
                 t0=jnp.asarray(init_val.tprev),

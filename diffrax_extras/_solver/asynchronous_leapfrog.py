@@ -262,6 +262,8 @@ class AsynchronousLeapfrog(
         solver_state: _SolverState,
         made_jump0: BoolScalarLike,
         made_jump1: BoolScalarLike,
+        ct_y1: Y,
+        ct_state1: _SolverState,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS, Callable]:
         # The step is `finish(y_mid, v, f(y_mid))` with `y_mid = midpoint(y0, v)` and
         # `v` the carried `v0`, shifted at a jump. The reconstruction evaluates f at
@@ -286,7 +288,8 @@ class AsynchronousLeapfrog(
             _y1, _v1, _d = self._finish(_terms, t0, t1, _y_mid, _v, _v_mid)
             return _y1, dict(y0=_y0, y1=_y1), (_v1, _d)
 
-        def pullback(cotangents):
+        def pullback(ct_dense):
+            cotangents = (ct_y1, ct_dense, ct_state1)
             y_mid, midpoint_vjp = eqx.filter_vjp(midpoint, y0, v_used, terms)
             out, finish_vjp = eqx.filter_vjp(finish, y_mid, y0, v_used, v_mid, terms)
             ct_y_mid, ct_y0, ct_v, ct_v_mid, ct_terms = finish_vjp(

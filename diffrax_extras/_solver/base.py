@@ -73,26 +73,33 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
         solver_state: _SolverState,
         made_jump0: BoolScalarLike,
         made_jump1: BoolScalarLike,
+        ct_y1: Y,
+        ct_state1: _SolverState,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS, Callable]:
         """Inverts one step and returns the pullback of the forward step there.
 
         This is the hook that [`diffrax_extras.ReversibleAdjoint`][] calls once per
         step on its backward pass. The default reconstructs with `backward_step` and
         then differentiates `step` at the reconstructed point; subclasses may
-        override it to reuse the reconstruction's vector-field evaluations.
+        override it to reuse the reconstruction's vector-field evaluations, and to
+        apply parts of the pullback early (the cotangents of `y1` and of the solver
+        state are given; only that of the dense output has to wait for the
+        reconstructed step), so that fewer residuals are alive at once.
 
         **Arguments:**
 
         - `terms`, `t0`, `t1`, `y1`, `args`, `solver_state`, `made_jump0`,
             `made_jump1`: as for `backward_step`.
+        - `ct_y1`, `ct_state1`: the cotangents of the forward step's outputs `y1` and
+            `solver_state` (`None` standing for zero).
 
         **Returns:**
 
         A 5-tuple `(y0, dense_info, solver_state0, result, pullback)`: the first four
-        as for `backward_step`, and `pullback`, a function taking the cotangents of
-        the forward step's outputs `(y1, dense_info, solver_state1)` (`None` standing
-        for zero) to the cotangents of its inputs `(y0, solver_state0, args, terms)`,
-        each filtered to its inexact arrays as by `equinox.filter_vjp`.
+        as for `backward_step`, and `pullback`, a function taking the cotangent of
+        the forward step's `dense_info` (`None` standing for zero) to the cotangents
+        of its inputs `(y0, solver_state0, args, terms)`, each filtered to its
+        inexact arrays as by `equinox.filter_vjp`.
         """
         y0, _, solver_state0, result = self.backward_step(
             terms, t0, t1, y1, args, solver_state, made_jump0, made_jump1
@@ -107,7 +114,8 @@ class AbstractReversibleSolver(AbstractSolver[_SolverState], Generic[_SolverStat
         out, vjp_fn = eqx.filter_vjp(_step, y0, solver_state0, args, terms)
         _, dense_info, _ = out
 
-        def pullback(cotangents):
+        def pullback(ct_dense):
+            cotangents = (ct_y1, ct_dense, ct_state1)
             return vjp_fn(materialise_cotangent(out, cotangents))
 
         return y0, dense_info, solver_state0, result, pullback

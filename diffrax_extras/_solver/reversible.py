@@ -36,8 +36,9 @@ from .._misc import (
     check_in_interval,
     is_underdamped_langevin,
     materialise_cotangent,
+    tree_add,
     tree_lincomb,
-    tree_sum_leading,
+    zeros_cotangent,
 )
 from .base import AbstractReversibleSolver
 
@@ -76,7 +77,7 @@ class Reversible(
     # for its tolerances); `__getattr__` below forwards them.
     AbstractWrappedSolver[_SolverState],
 ):
-    r"""Makes any explicit single-step solver algebraically reversible.
+    r"""Makes any single-step solver algebraically reversible.
 
     Let $\Psi_h(t, x)$ be the increment of one step of `solver` from $x$ over
     $[t, t + h]$, started from a fresh solver state. With the coupling
@@ -92,12 +93,19 @@ class Reversible(
     of `solver` per step. With [`diffrax_extras.ReversibleAdjoint`][] the gradient is
     exact and its memory does not grow with the number of steps.
 
-    Works for ODEs and CDEs with any explicit single-step solver (`Euler`, `Heun`,
-    `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...), and for SDEs with
-    a Stratonovich solver (`EulerHeun`, `Heun`, `Midpoint`, `SPaRK`, `ShARK`,
-    `GeneralShARK`, `SRA1`, ...), given a Brownian path that can be queried backwards
-    in time and again, such as [`diffrax_extras.BrownianInterval`][] or
-    `diffrax.VirtualBrownianTree`.
+    Works for ODEs and CDEs with any single-step solver, explicit or implicit
+    (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`,
+    `Kvaerno5`, ...), and for SDEs with a Stratonovich solver (`EulerHeun`, `Heun`,
+    `Midpoint`, `SPaRK`, `ShARK`, `GeneralShARK`, `SRA1`, the Langevin solvers, ...),
+    given a Brownian path that can be queried backwards in time and again, such as
+    [`diffrax_extras.BrownianInterval`][] or `diffrax.VirtualBrownianTree`. It is a
+    diffrax wrapped solver: `isinstance` checks and the attributes diffrax reads are
+    forwarded to `solver`.
+
+    An implicit `solver` inverts exactly too, since the inverse only evaluates its
+    steps at the points the forward step did; but on a stiff problem, where every
+    accurate step contracts, running the solve backwards expands errors whatever
+    the solver, and [`diffrax_extras.ReversibleAdjoint`][] refuses the gradient.
 
     !!! tip "Choosing the coupling"
 
@@ -287,66 +295,55 @@ class Reversible(
         solver_state: _SolverState,
         made_jump0: BoolScalarLike,
         made_jump1: BoolScalarLike,
+        ct_y1: Y,
+        ct_state1: _SolverState,
     ) -> tuple[Y, DenseInfo, _SolverState, RESULTS, Callable]:
-        # The reconstruction evaluates Psi at exactly the two points where the forward
-        # step evaluated it, so it takes the VJP of each evaluation as it goes and the
-        # forward step is never run again.
+        # The forward step is z0 -> Psi_h -> y1 -> Psi_{-h} -> z1; the reconstruction
+        # evaluates Psi at the same two points in the opposite order, which is also
+        # the order of the pullback. The cotangent of Psi_{-h} is known at once
+        # (-ct_z1: its dense output is not used), so its VJP is applied as soon as it
+        # is taken and only the VJP of Psi_h, which needs the dense output's
+        # cotangent, is kept: one base step's residuals at a time, and the forward
+        # step is never run again.
         del made_jump0, made_jump1
         lam = self._coupling()
+        ct_y1, ct_z1 = materialise_cotangent((y1, solver_state), (ct_y1, ct_state1))
 
-        def psi(x, ta, tb):
+        def vjp_at(x, ta, tb):
             def _fn(_x, _args, _terms):
                 _psi, _, _dense_info, _result = self._increment(
                     _terms, ta, tb, _x, _args
                 )
                 return (_psi, _dense_info), _result
 
-            (_psi, _dense_info), vjp_fn, _result = eqx.filter_vjp(
-                _fn, x, args, terms, has_aux=True
-            )
-            return _psi, (_dense_info, vjp_fn), _result
+            return eqx.filter_vjp(_fn, x, args, terms, has_aux=True)
 
-        y0, z0, (dense_base, _), (_, vjp_fns), result = self._reconstruct(
-            t0, t1, y1, solver_state, psi
+        (psi_b, dense_b), vjp_b, result_b = vjp_at(y1, t1, t0)
+        ct_y1_b, ct_args_b, ct_terms_b = vjp_b(
+            (tree_lincomb((-1, ct_z1)), zeros_cotangent(dense_b))
         )
+        ct_y1_total = tree_lincomb((1, ct_y1), (1, ct_y1_b))
+        z0 = tree_lincomb((1, solver_state), (1, psi_b))
+        (psi_a, dense_base), vjp_a, result_a = vjp_at(z0, t0, t1)
+        y0 = tree_lincomb((1 / lam, y1), (-(1 - lam) / lam, z0), (-1 / lam, psi_a))
         dense_info = _coupled_dense_info(lam, y0, z0, dense_base)
+        result = RESULTS.where(result_b == RESULTS.successful, result_a, result_b)
 
-        def pullback(cotangents):
-            ct_y1, ct_dense, ct_z1 = materialise_cotangent(
-                (y1, dense_info, solver_state), cotangents
-            )
+        def pullback(ct_dense):
+            ct_dense = materialise_cotangent(dense_info, ct_dense)
             ct_offset = tree_lincomb(
                 (1, ct_dense["offset0"]), (lam, ct_dense["offset1"])
             )
-            ct_dense_base = ct_dense["base"]
-            # The forward step is z0 -> Psi_h -> y1 -> Psi_{-h} -> z1, so its pullback
-            # visits the evaluations in the order the reconstruction made them.
-            ct_denses = jtu.tree_map(
-                lambda c: jnp.stack([jnp.zeros_like(c), c]), ct_dense_base
-            )
-
-            def body(ct_psi, inputs):
-                vjp_fn, _ct_dense = inputs
-                ct_x, ct_args, ct_terms = vjp_fn((ct_psi, _ct_dense))
-                return tree_lincomb((1, ct_y1), (1, ct_x)), (ct_x, ct_args, ct_terms)
-
-            ct_minus_z1 = tree_lincomb((-1, ct_z1))
-            _, (ct_xs, ct_args, ct_terms) = lax.scan(
-                body, ct_minus_z1, (vjp_fns, ct_denses)
-            )
-            ct_y1_total = tree_lincomb((1, ct_y1), (1, _index(ct_xs, 0)))
+            ct_z0_a, ct_args_a, ct_terms_a = vjp_a((ct_y1_total, ct_dense["base"]))
             ct_y0 = tree_lincomb((1, ct_offset), (lam, ct_y1_total))
             ct_z0 = tree_lincomb(
-                (1, ct_z1),
-                (-1, ct_offset),
-                (1 - lam, ct_y1_total),
-                (1, _index(ct_xs, 1)),
+                (1, ct_z1), (-1, ct_offset), (1 - lam, ct_y1_total), (1, ct_z0_a)
             )
             return (
                 ct_y0,
                 ct_z0,
-                tree_sum_leading(ct_args),
-                tree_sum_leading(ct_terms),
+                tree_add(ct_args_a, ct_args_b),
+                tree_add(ct_terms_a, ct_terms_b),
             )
 
         return y0, dense_info, z0, result, pullback
@@ -383,7 +380,7 @@ class Reversible(
 
 Reversible.__init__.__doc__ = """**Arguments:**
 
-- `solver`: the explicit single-step solver to make reversible, e.g. `diffrax.Tsit5()`.
+- `solver`: the single-step solver to make reversible, e.g. `diffrax.Tsit5()`.
 - `coupling`: the coupling parameter $\\lambda \\in (0, 1]$; smaller is more stable
     forwards and less accurate to reconstruct backwards. Defaults to `0.999`.
 """
