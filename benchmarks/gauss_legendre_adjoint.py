@@ -1,21 +1,37 @@
 """`GaussLegendreAdjoint` against `BacksolveAdjoint` and `RecursiveCheckpointAdjoint`.
 
 A neural ODE with a small state (4) and an MLP vector field of two hidden layers of
-width W (so about W^2 parameters), fitted to 10 saved times on [0, 2]; plus one
-large-state case (a batch of 128 such states, W = 64) where quadrature has little to
-save. Tsit5 with a PID controller (rtol 1e-6, atol 1e-8), float64. For each case, in
-the same process:
+width W (so about W^2 parameters), in two settings:
 
-- time per gradient (median of interleaved repeats, after compilation) and compile
-  time, for `GaussLegendreAdjoint(8)`, `BacksolveAdjoint` (plain, and with the RMS
-  seminorm of Kidger et al. 2021 on its backward controller) and
-  `RecursiveCheckpointAdjoint`;
+- "10 saved": fitted to 10 saved times on [0, 2];
+- "t1 only": diffrax's default `SaveAt(t1=True)` on [0, 10], a loss of the final state
+  only (one interval between saved times spans the whole solve);
+
+plus one large-state case (a batch of 128 such states, W = 64, 10 saved times) where
+quadrature has little to save. Tsit5 with a PID controller (rtol 1e-6, atol 1e-8),
+float64. For each case, in the same process:
+
+- time per gradient (median of interleaved repeats, after compilation), compile time,
+  and the compiled gradient's temporary memory (XLA's `temp_size_in_bytes`), for
+  `GaussLegendreAdjoint()`, `BacksolveAdjoint` (plain, and with the RMS seminorm of
+  Kidger et al. 2021 on its backward controller) and `RecursiveCheckpointAdjoint`;
 - the gradient's relative error (max over leaves of max|g - g_ref| / max|g_ref|)
   against `RecursiveCheckpointAdjoint` at the same tolerances, and against it at
   rtol = atol = 1e-11.
 
 The continuous adjoints (Backsolve, Gauss-Legendre) differ from the discretised one
-by the solver's error; the quadrature adds its own, which `n_nodes` controls.
+by the solver's error; the quadrature adds its own, which it keeps below tolerance.
+
+Then, compiled but not run, the temporary memory of the gradient as one thing varies
+at a time, for `GaussLegendreAdjoint()`, `BacksolveAdjoint` and
+`RecursiveCheckpointAdjoint` (W = 64 unless stated):
+
+- the number of steps N: fixed steps of 0.01 over [0, N / 100] (`max_steps` 20,000
+  throughout, so that only N changes);
+- the state: a batch of B states of 4 (10 saved times on [0, 2]);
+- `max_steps` (10 saved times on [0, 2]);
+- for `GaussLegendreAdjoint`, `steps_per_chunk`, at W = 1024 (its parameter-sized
+  buffers show).
 
 Writes `benchmarks/results/gauss_legendre_adjoint{_quick,_tiny}.{json,md}`.
 
@@ -23,7 +39,6 @@ Run: `python benchmarks/gauss_legendre_adjoint.py [--mode full|quick|tiny]`.
 """
 
 import functools as ft
-import time
 
 import diffrax as dfx
 import equinox as eqx
@@ -31,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _common import (
+    compile_timed,
     describe,
     interleaved_medians,
     log,
@@ -39,6 +55,7 @@ from _common import (
     parse_args,
     relative_error,
     save,
+    temp_bytes,
 )
 
 
@@ -46,8 +63,12 @@ jax.config.update("jax_enable_x64", True)
 import diffrax_extras as dxe  # noqa: E402
 
 
-DIM, T1, RTOL = 4, 2.0, 1e-6
-SAVE_TS = jnp.linspace(0.2, T1, 10)
+DIM, RTOL = 4, 1e-6
+# name: (t1, saved times or None for SaveAt(t1=True))
+SETTINGS = {
+    "10 saved": (2.0, jnp.linspace(0.2, 2.0, 10)),
+    "t1 only": (10.0, None),
+}
 
 
 class Field(eqx.Module):
@@ -58,76 +79,88 @@ class Field(eqx.Module):
         return mlp(y) - 0.5 * y
 
 
-def make(width, batch):
+def make(width, batch, setting):
+    _, save_ts = SETTINGS[setting]
     key_mlp, key_y = jr.split(jr.PRNGKey(0))
     mlp = eqx.nn.MLP(
         DIM, DIM, width, 2, activation=jnp.tanh, key=key_mlp, dtype=jnp.float64
     )
     shape = (DIM,) if batch is None else (batch, DIM)
     y0 = jr.normal(key_y, shape, jnp.float64)
-    target = jnp.sin(SAVE_TS).reshape((-1,) + (1,) * len(shape)) * jnp.ones(shape)
-    return Field(mlp), y0, target
+    times = jnp.ones(1) if save_ts is None else save_ts
+    target = jnp.sin(times).reshape((-1,) + (1,) * len(shape)) * jnp.ones(shape)
+    params, static = eqx.partition(Field(mlp), eqx.is_array)
+    return params, static, y0, target
 
 
-def grad_fn(adjoint, tol=RTOL):
+def loss_fn(adjoint, static, setting, tol=RTOL):
+    t1, save_ts = SETTINGS[setting]
     controller = dfx.PIDController(rtol=tol, atol=1e-2 * tol)
+    saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=save_ts)
 
-    @eqx.filter_jit
-    @eqx.filter_grad
-    def grad(field, y0, target):
+    def loss(params, y0, target):
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(field),
+            dfx.ODETerm(eqx.combine(params, static)),
             dfx.Tsit5(),
             0.0,
-            T1,
+            t1,
             None,
             y0,
-            saveat=dfx.SaveAt(ts=SAVE_TS),
+            saveat=saveat,
             stepsize_controller=controller,
             adjoint=adjoint,
             max_steps=100_000,
         )
+        assert sol.ys is not None
         return jnp.mean((sol.ys - target) ** 2)
 
-    return grad
+    return loss
 
 
-def run(cases, repeats):
+def adjoints():
     seminorm = dfx.PIDController(
         rtol=RTOL, atol=1e-2 * RTOL, norm=dfx.adjoint_rms_seminorm
     )
-    adjoints = {
-        "GaussLegendreAdjoint(8)": dxe.GaussLegendreAdjoint(8),
+    return {
+        "GaussLegendreAdjoint()": dxe.GaussLegendreAdjoint(),
         "BacksolveAdjoint": dfx.BacksolveAdjoint(),
         "BacksolveAdjoint + seminorm": dfx.BacksolveAdjoint(
             stepsize_controller=seminorm
         ),
         "RecursiveCheckpointAdjoint": dfx.RecursiveCheckpointAdjoint(),
     }
+
+
+def run(cases, repeats, names):
     rows = []
-    for width, batch in cases:
-        field, y0, target = make(width, batch)
-        params = sum(x.size for x in jax.tree.leaves(eqx.filter(field, eqx.is_array)))
-        tight = grad_fn(dfx.RecursiveCheckpointAdjoint(), tol=1e-11)(field, y0, target)
-        fns, compile_s, grads = {}, {}, {}
-        for name, adjoint in adjoints.items():
-            fn = grad_fn(adjoint)
-            start = time.perf_counter()
-            grads[name] = jax.block_until_ready(fn(field, y0, target))
-            compile_s[name] = time.perf_counter() - start
-            fns[name] = ft.partial(fn, field, y0, target)
+    for setting, width, batch in cases:
+        params, static, y0, target = make(width, batch, setting)
+        count = sum(x.size for x in jax.tree.leaves(params))
+        inputs = (params, y0, target)
+        tight_loss = loss_fn(dfx.RecursiveCheckpointAdjoint(), static, setting, 1e-11)
+        tight = jax.jit(jax.grad(tight_loss))(*inputs)
+        fns, compile_s, memory, grads = {}, {}, {}, {}
+        for name, adjoint in adjoints().items():
+            if name not in names:
+                continue
+            grad = jax.jit(jax.grad(loss_fn(adjoint, static, setting)))
+            compiled, compile_s[name] = compile_timed(grad, *inputs)
+            memory[name] = temp_bytes(compiled)
+            grads[name] = jax.block_until_ready(compiled(*inputs))
+            fns[name] = ft.partial(compiled, *inputs)
         seconds = interleaved_medians(fns, repeats)
-        for name in adjoints:
+        reference = grads.get("RecursiveCheckpointAdjoint", tight)
+        for name in fns:
             row = dict(
+                setting=setting,
                 width=width,
                 state=int(y0.size),
-                parameters=int(params),
+                parameters=int(count),
                 adjoint=name,
                 seconds=seconds[name],
                 compile_seconds=compile_s[name],
-                error_vs_checkpoint=relative_error(
-                    grads["RecursiveCheckpointAdjoint"], grads[name]
-                ),
+                temp_bytes=memory[name],
+                error_vs_checkpoint=relative_error(reference, grads[name]),
                 error_vs_tight=relative_error(tight, grads[name]),
             )
             rows.append(row)
@@ -135,36 +168,146 @@ def run(cases, repeats):
     return rows
 
 
+def _memory_loss(adjoint, static, *, t1, save_ts, fixed, max_steps):
+    controller = (
+        dfx.ConstantStepSize()
+        if fixed
+        else dfx.PIDController(rtol=RTOL, atol=1e-2 * RTOL)
+    )
+    saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=save_ts)
+
+    def loss(params, y0, target):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(eqx.combine(params, static)),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            0.01 if fixed else None,
+            y0,
+            saveat=saveat,
+            stepsize_controller=controller,
+            adjoint=adjoint,
+            max_steps=max_steps,
+        )
+        assert sol.ys is not None
+        return jnp.mean((sol.ys - target) ** 2)
+
+    return loss
+
+
+def memory(mode):
+    """Temporary bytes of the compiled gradient, one variable at a time."""
+    small = mode == "tiny"
+    variables = {
+        "steps N": [100, 1000] if small else [100, 1000, 10_000],
+        "state (batch B of 4)": [1, 16] if small else [1, 32, 256],
+        "max_steps": [4096, 100_000],
+        "steps_per_chunk (W = 1024)": [8, 16] if small else [8, 16, 32, 64],
+    }
+    three = {
+        "GaussLegendreAdjoint()": dxe.GaussLegendreAdjoint(),
+        "BacksolveAdjoint": dfx.BacksolveAdjoint(),
+        "RecursiveCheckpointAdjoint": dfx.RecursiveCheckpointAdjoint(),
+    }
+    save_ts = SETTINGS["10 saved"][1]
+    rows = []
+    for variable, values in variables.items():
+        for value in values:
+            width, batch, t1, saves, fixed, max_steps = (
+                64,
+                None,
+                2.0,
+                save_ts,
+                False,
+                20_000,
+            )
+            adjoints = three
+            if variable == "steps N":
+                t1, saves, fixed = value / 100, None, True
+            elif variable.startswith("state"):
+                batch = None if value == 1 else value
+            elif variable == "max_steps":
+                max_steps = value
+            else:
+                width = 8 if small else 1024
+                adjoints = {
+                    f"GaussLegendreAdjoint(steps_per_chunk={value})": (
+                        dxe.GaussLegendreAdjoint(steps_per_chunk=value)
+                    )
+                }
+            params, static, y0, _ = make(width, batch, "10 saved")
+            times = jnp.ones(1) if saves is None else saves
+            target = jnp.sin(times).reshape((-1,) + (1,) * y0.ndim) * jnp.ones_like(y0)
+            for name, adjoint in adjoints.items():
+                loss = _memory_loss(
+                    adjoint,
+                    static,
+                    t1=t1,
+                    save_ts=saves,
+                    fixed=fixed,
+                    max_steps=max_steps,
+                )
+                compiled, _ = compile_timed(jax.jit(jax.grad(loss)), params, y0, target)
+                row = dict(
+                    variable=variable,
+                    value=value,
+                    adjoint=name,
+                    temp_bytes=temp_bytes(compiled),
+                )
+                rows.append(row)
+                log(**row)
+    return rows
+
+
+def memory_markdown(rows) -> str:
+    table = [
+        [r["variable"], r["value"], r["adjoint"], f"{r['temp_bytes'] / 1e6:.3f}"]
+        for r in rows
+    ]
+    header = ["varied", "value:", "adjoint", "temporary memory (MB):"]
+    return (
+        "Temporary memory of the compiled gradient (XLA's `temp_size_in_bytes`), "
+        "one variable at a time; W = 64, state 4, Tsit5, float64 unless stated.\n\n"
+        + markdown_table(header, table)
+    )
+
+
 def markdown(rows, info, repeats) -> str:
     intro = (
         f"{describe(info)} Neural ODE, MLP with two hidden layers of width W, Tsit5 "
-        "+ PID (rtol 1e-6, atol 1e-8), float64, 10 saved times on [0, 2]; median "
-        f"of {repeats} interleaved repeats. Errors: relative to "
-        "RecursiveCheckpointAdjoint at the same tolerances / at rtol = atol = 1e-11."
+        '+ PID (rtol 1e-6, atol 1e-8), float64; "10 saved": 10 saved times on '
+        '[0, 2], "t1 only": `SaveAt(t1=True)` on [0, 10]; median of '
+        f"{repeats} interleaved repeats. Errors: relative to "
+        "RecursiveCheckpointAdjoint at the same tolerances / at rtol = atol = 1e-11. "
+        "Memory: the compiled gradient's temporary buffers."
     )
     by_case: dict = {}
     for r in rows:
-        by_case.setdefault((r["width"], r["state"]), {})[r["adjoint"]] = r
+        key = (r["setting"], r["width"], r["state"])
+        by_case.setdefault(key, {})[r["adjoint"]] = r
     table = []
     for by_name in by_case.values():
-        backsolve = by_name["BacksolveAdjoint"]["seconds"]
-        checkpoint = by_name["RecursiveCheckpointAdjoint"]["seconds"]
+        backsolve = by_name.get("BacksolveAdjoint", {}).get("seconds")
+        checkpoint = by_name.get("RecursiveCheckpointAdjoint", {}).get("seconds")
         for name, r in by_name.items():
             table.append(
                 [
+                    r["setting"],
                     r["width"],
                     r["state"],
                     r["parameters"],
                     name,
                     f"{r['seconds'] * 1e3:.1f}",
-                    f"{r['seconds'] / backsolve:.2f}x",
-                    f"{r['seconds'] / checkpoint:.2f}x",
+                    "-" if backsolve is None else f"{r['seconds'] / backsolve:.2f}x",
+                    "-" if checkpoint is None else f"{r['seconds'] / checkpoint:.2f}x",
                     f"{r['error_vs_checkpoint']:.1e}",
                     f"{r['error_vs_tight']:.1e}",
+                    f"{r['temp_bytes'] / 1e6:.2f}",
                     f"{r['compile_seconds']:.1f}",
                 ]
             )
     header = [
+        "saved",
         "W:",
         "state:",
         "parameters:",
@@ -174,26 +317,42 @@ def markdown(rows, info, repeats) -> str:
         "vs RecursiveCheckpoint:",
         "error vs RecursiveCheckpoint:",
         "error vs tight:",
+        "memory (MB):",
         "compile (s):",
     ]
     return intro + "\n\n" + markdown_table(header, table)
 
 
+def _cases(widths, large=True):
+    out = [(s, w, None) for w in widths for s in SETTINGS]
+    return out + ([("10 saved", 64, 128)] if large else [])
+
+
 CASES = {
-    # mode: [(MLP width, batch of states or None)]
-    "full": [(64, None), (256, None), (1024, None), (2048, None), (64, 128)],
-    "quick": [(64, None), (1024, None)],
-    "tiny": [(8, None)],
-    "device": [(1024, None), (4096, None), (256, 1024)],
+    # mode: [(setting, MLP width, batch of states or None)]
+    "full": _cases([64, 256, 1024, 2048]),
+    "quick": _cases([64, 1024]),
+    "tiny": _cases([8], large=False),
+    "device": _cases([1024, 4096], large=False) + [("10 saved", 256, 1024)],
 }
 
 
 def main():
-    args = parse_args(__doc__)
+    def extra(parser):
+        parser.add_argument(
+            "--adjoints",
+            default=",".join(adjoints()),
+            help="comma-separated adjoint names to run (default: all)",
+        )
+
+    args = parse_args(__doc__, extra=extra)
     info = machine()
-    rows = run(CASES[args.mode], args.repeats)
-    payload = dict(machine=info, rows=rows)
-    save("gauss_legendre_adjoint", args, payload, markdown(rows, info, args.repeats))
+    names = args.adjoints.split(",")
+    rows = run(CASES[args.mode], args.repeats, names)
+    memory_rows = memory(args.mode)
+    payload = dict(machine=info, rows=rows, memory=memory_rows)
+    table = markdown(rows, info, args.repeats) + "\n" + memory_markdown(memory_rows)
+    save("gauss_legendre_adjoint", args, payload, table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ Each thread count and each precision runs in its own process.
   `AsynchronousLeapfrog` + `ReversibleAdjoint`.
 - Gauss–Legendre adjoint on a wide MLP (state 4, two hidden layers of width 1024,
   tanh, minus y/2, 10 saved times on [0, 2], Dopri5, rtol 1e-6, atol 1e-8,
-  float64): our `GaussLegendreAdjoint(8)` against torch_gq_adjoint where it can be
+  float64): our `GaussLegendreAdjoint()` against torch_gq_adjoint where it can be
   installed, and against torchdiffeq's `odeint_adjoint` (the continuous adjoint a
   PyTorch user has without it), with its default error norm and with the seminorm
   that leaves the parameters' adjoint out of the backward step control.
@@ -640,7 +640,7 @@ def mali_exactness(cfg, context):
 # ---------------------------------------------------------------------------------
 # Gauss–Legendre adjoint
 
-OURS_GQ = "GaussLegendreAdjoint(8) + Dopri5"
+OURS_GQ = "GaussLegendreAdjoint() + Dopri5"
 OURS_GQ_REF = "Dopri5 + RecursiveCheckpoint (backprop)"
 TORCHDIFFEQ_ADJ = "torchdiffeq odeint_adjoint (dopri5)"
 TORCHDIFFEQ_SEMI = "torchdiffeq odeint_adjoint (dopri5, adjoint seminorm)"
@@ -732,7 +732,7 @@ def gq_timing(cfg, repeats, context):
             f"{GQ_RTOL:g}, atol {GQ_ATOL:g})"
         )
         params, static = eqx.partition(field, eqx.is_array)
-        grad = jax_gq_grad(dxe.GaussLegendreAdjoint(8), save_ts, static)
+        grad = jax_gq_grad(dxe.GaussLegendreAdjoint(), save_ts, static)
         fn, compile_s = compile_timed(grad, params, y0, target)
         fns = {
             OURS_GQ: lambda fn=fn, params=params, y0=y0, target=target: fn(
@@ -772,7 +772,7 @@ def gq_exactness(cfg, context):
     for width in cfg["gq"]:
         field, y0, save_ts, target = gq_setup(width)
         params, static = eqx.partition(field, eqx.is_array)
-        ours = jax_gq_grad(dxe.GaussLegendreAdjoint(8), save_ts, static)(
+        ours = jax_gq_grad(dxe.GaussLegendreAdjoint(), save_ts, static)(
             params, y0, target
         )
         ref = jax_gq_grad(dfx.RecursiveCheckpointAdjoint(), save_ts, static)(

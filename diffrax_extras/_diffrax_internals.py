@@ -25,8 +25,10 @@ these behaviours of diffrax's private code, each checked by
 """
 
 import functools as ft
+from typing import Any
 
 import equinox.internal as eqxi
+from diffrax import RESULTS
 from diffrax._adjoint import (
     _nondiff_solver_controller_state as nondiff_solver_controller_state,
     _only_transpose_ys as only_transpose_ys,
@@ -44,7 +46,11 @@ from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState, State as State
 from diffrax._misc import linear_rescale as linear_rescale
 from diffrax._saveat import save_y as save_y
-from diffrax._term import _CallableToPath as CallableToPath, WrapTerm as WrapTerm
+from diffrax._term import (
+    _CallableToPath as CallableToPath,
+    _ControlToODE as ControlToODE,
+    WrapTerm as WrapTerm,
+)
 
 
 while_loop = eqxi.while_loop
@@ -60,11 +66,22 @@ lax_inner_loop = ft.partial(eqxi.while_loop, kind="lax")
 lax_outer_loop = lax_inner_loop
 
 
+def result_messages() -> list[str]:
+    """The message of every `diffrax.RESULTS` item, indexed by `result_index`."""
+    return list(RESULTS._index_to_message)
+
+
+def result_index(result: Any) -> Any:
+    """The index of a (possibly traced) `diffrax.RESULTS` item in `result_messages`."""
+    return result._value
+
+
 __all__ = [
     "Args",
     "BoolScalarLike",
     "buffer_at_set",
     "CallableToPath",
+    "ControlToODE",
     "DenseInfo",
     "RealScalarLike",
     "SaveState",
@@ -82,6 +99,8 @@ __all__ = [
     "nondiff_solver_controller_state",
     "nondifferentiable_backward",
     "only_transpose_ys",
+    "result_index",
+    "result_messages",
     "save_y",
     "unvmap_any",
     "while_loop",

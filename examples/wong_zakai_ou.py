@@ -130,7 +130,7 @@ def train_ode_paths(model, key):
             _y0(k_y0),
             saveat=dfx.SaveAt(ts=TS),
             stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-4),
-            adjoint=dxe.GaussLegendreAdjoint(n_nodes=4),
+            adjoint=dxe.GaussLegendreAdjoint(),
         )
         assert sol.ys is not None
         return sol.ys[:, 0]

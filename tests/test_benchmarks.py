@@ -33,7 +33,7 @@ SECTION_ROWS = {
         "Tsit5: Tsit5 + RecursiveCheckpointAdjoint",
     ],
     "Gauss–Legendre quadrature adjoint": [
-        "GaussLegendreAdjoint(8)",
+        "GaussLegendreAdjoint()",
         "BacksolveAdjoint",
         "RecursiveCheckpointAdjoint",
     ],

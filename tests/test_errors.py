@@ -193,6 +193,56 @@ def _langevin(solver):
     return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, (jnp.zeros(1), jnp.zeros(1)))
 
 
+def _gl_loss(a, *, controller=None, adjoint=None, dt0=0.1, throw=True):
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -args * y),
+        dfx.Tsit5(),
+        0.0,
+        1.0,
+        dt0,
+        jnp.array([1.0]),
+        args=a,
+        adjoint=_GL if adjoint is None else adjoint,
+        stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8)
+        if controller is None
+        else controller,
+        max_steps=64,
+        throw=throw,
+    )
+    assert sol.ys is not None
+    return jnp.sum(sol.ys)
+
+
+def _gl_jump_ts_gradient():
+    def loss(x):
+        controller = dfx.ClipStepSizeController(
+            dfx.PIDController(rtol=1e-3, atol=1e-6), jump_ts=jnp.stack([x])
+        )
+        return _gl_loss(jnp.array(1.0), controller=controller)
+
+    jax.grad(loss)(jnp.array(0.5))
+
+
+def _gl_backward(adjoint, dt0=0.1):
+    return jax.block_until_ready(
+        jax.jit(jax.grad(lambda a: _gl_loss(a, adjoint=adjoint, dt0=dt0)))(
+            jnp.array(1.0)
+        )
+    )
+
+
+def _gl_callable_control():
+    def loss(a):
+        term = dfx.ControlTerm(
+            lambda t, y, args: -args * y[:, None], lambda t0, t1: (t1 - t0)[None]
+        )
+        sol = _ode(solver=dfx.Tsit5(), adjoint=_GL, terms=term, args=a)
+        assert sol.ys is not None
+        return jnp.sum(sol.ys)
+
+    jax.grad(loss)(jnp.array(1.0))
+
+
 # (object, bad input) -> (thunk, exception type, message pattern)
 CASES = {
     # ReversibleHeun, AsynchronousLeapfrog, Reversible
@@ -452,6 +502,74 @@ CASES = {
         lambda: _interpolation_gradient(1),
         Exception,
         "`t1`",
+    ),
+    "GaussLegendreAdjoint n_nodes=1": (
+        lambda: dxe.GaussLegendreAdjoint(1),
+        ValueError,
+        "`n_nodes` must be at least 2",
+    ),
+    "GaussLegendreAdjoint max_refinements=-1": (
+        lambda: dxe.GaussLegendreAdjoint(max_refinements=-1),
+        ValueError,
+        "`max_refinements`",
+    ),
+    "GaussLegendreAdjoint steps_per_chunk=0": (
+        lambda: dxe.GaussLegendreAdjoint(steps_per_chunk=0),
+        ValueError,
+        "`steps_per_chunk`",
+    ),
+    "GaussLegendreAdjoint quadrature_rtol=-1": (
+        lambda: dxe.GaussLegendreAdjoint(quadrature_rtol=-1.0),
+        ValueError,
+        "`quadrature_rtol`",
+    ),
+    "GaussLegendreAdjoint backward StepTo": (
+        lambda: _gl_backward(
+            dxe.GaussLegendreAdjoint(stepsize_controller=dfx.StepTo(ts=[0.0, 1.0]))
+        ),
+        ValueError,
+        r"GaussLegendreAdjoint\(stepsize_controller=diffrax.ConstantStepSize\(\)",
+    ),
+    "GaussLegendreAdjoint backward ConstantStepSize without dt0": (
+        lambda: _gl_backward(
+            dxe.GaussLegendreAdjoint(stepsize_controller=dfx.ConstantStepSize()),
+            dt0=None,
+        ),
+        ValueError,
+        r"pass `GaussLegendreAdjoint\(dt0=...\)`",
+    ),
+    "GaussLegendreAdjoint backward max_steps too few": (
+        lambda: _gl_backward(dxe.GaussLegendreAdjoint(max_steps=2)),
+        Exception,
+        r"backward solve of `GaussLegendreAdjoint` reached the maximum number of "
+        r"solver steps \(max_steps=2\).*GaussLegendreAdjoint\(max_steps=...\)",
+    ),
+    "GaussLegendreAdjoint with a control given as a function": (
+        _gl_callable_control,
+        NotImplementedError,
+        "derivative of a `ControlTerm`'s control",
+    ),
+    "GaussLegendreAdjoint gradient w.r.t. jump_ts": (
+        _gl_jump_ts_gradient,
+        Exception,
+        "step size controller's parameters",
+    ),
+    "GaussLegendreAdjoint under jax.jvp": (
+        lambda: jax.jvp(_gl_loss, (jnp.array(1.0),), (jnp.array(1.0),)),
+        TypeError,
+        r"`GaussLegendreAdjoint\(\)` differentiates in reverse mode only.*"
+        r"diffrax.ForwardMode",
+    ),
+    "GaussLegendreAdjoint under jax.hessian": (
+        lambda: jax.hessian(_gl_loss)(jnp.array(1.0)),
+        TypeError,
+        r"`GaussLegendreAdjoint\(\)` computes first derivatives only.*"
+        r"diffrax.DirectAdjoint",
+    ),
+    "GaussLegendreAdjoint, grad of grad": (
+        lambda: jax.grad(jax.grad(_gl_loss))(jnp.array(1.0)),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
     ),
     # BrownianInterval
     "BrownianInterval t1 < t0": (

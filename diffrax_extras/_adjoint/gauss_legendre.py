@@ -1,27 +1,32 @@
+import math
 from typing import Any
 
-import diffrax
 import equinox as eqx
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from diffrax import (
+    AbstractAdaptiveStepSizeController,
     AbstractAdjoint,
+    AbstractPath,
     AbstractTerm,
+    ClipStepSizeController,
+    ConstantStepSize,
     ControlTerm,
     CubicInterpolation,
     LinearInterpolation,
     MultiTerm,
     ODETerm,
     RESULTS,
-    SaveAt,
+    StepTo,
 )
 from jaxtyping import Array, PyTree, Real
 
 from .._diffrax_internals import (
     Args,
+    CallableToPath,
+    ControlToODE,
     is_sde,
     lax_inner_loop,
     lax_outer_loop,
@@ -29,19 +34,25 @@ from .._diffrax_internals import (
     nondifferentiable,
     only_transpose_ys,
     RealScalarLike,
+    result_index,
+    result_messages,
     save_y,
     WrapTerm,
     Y,
 )
-from .._misc import materialise_cotangent, tree_add, tree_lincomb, zeros_cotangent
+from .._misc import materialise_cotangent, tree_lincomb, zeros_cotangent
 from .common import (
     check_no_dense,
     check_no_event,
     closure_convert_terms,
     is_subsaveat,
-    nan_if_failed,
+    nondifferentiable_settings,
     nondifferentiable_times,
 )
+from .first_order import reverse_mode_only
+from .gl_backsolve import BackwardSolve, Outcome, Quadrature, solve_backward
+from .gl_quadrature import GaussRule, Integrand
+from .gl_stops import make_stops
 
 
 _NAME = "GaussLegendreAdjoint"
@@ -49,8 +60,10 @@ _BACKWARD_KWARGS = frozenset(
     {"solver", "stepsize_controller", "dt0", "max_steps", "throw"}
 )
 # Piecewise-polynomial paths whose derivative is not smooth across their knots; the
-# quadrature is split there.
+# backward solve stops there.
 _KNOTTED_PATHS = (LinearInterpolation, CubicInterpolation)
+# Backward steps per batched vector-Jacobian product, for a small state.
+_STEPS_PER_CHUNK = 16
 
 
 class GaussLegendreAdjoint(AbstractAdjoint):
@@ -71,32 +84,40 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     $\frac{\mathrm{d}L}{\mathrm{d}\theta} = \int_{t_0}^{t_1} a^\top
     \frac{\partial f}{\partial \theta} \,\mathrm{d}t$
 
-    by `n_nodes`-point Gauss–Legendre quadrature over each interval between saved
-    times: $y$ and $a$ are read off the backward solve at the nodes, and one batched
-    vector-Jacobian product over the nodes gives the interval's contribution. The rule
-    is exact when the integrand is a polynomial in $t$ of degree at most
-    $2\,\mathtt{n\_nodes} - 1$; its error otherwise falls quickly with `n_nodes` for
-    smooth vector fields. Where a control is a piecewise polynomial
-    (`diffrax.LinearInterpolation`, `diffrax.CubicInterpolation`), whose
-    derivative is not smooth across its knots, the intervals are split at the knots.
+    by a composite Gauss–Legendre rule over the backward solve's accepted steps: on
+    every step, $y$ and $a$ are read at `n_nodes` nodes off the step's dense
+    interpolation, and the integrand at the nodes of many steps at once is one batched
+    vector-Jacobian product. The `(n_nodes - 1)`-point rule on the same step gives an
+    error estimate. Where it is above tolerance, the steps are cut into halves, then
+    quarters, and so on; if it is still above tolerance after `max_refinements`
+    halvings, the gradient is NaN (or, with `throw=True`, an error says what to change),
+    never a number that may be wrong.
 
-    Like `diffrax.BacksolveAdjoint` the gradient is that of the continuous
-    problem, so it differs from the gradient of the discretised solve
-    (`diffrax.RecursiveCheckpointAdjoint`) by the solver's error and the
-    quadrature's; memory does not grow with the number of steps. It is fastest when the
-    parameters are many and the state is small.
+    The backward solve stops at, and no quadrature rule straddles, every time where the
+    integrand may not be smooth: the saved times (where $a$ jumps), the `jump_ts` and
+    `step_ts` of a `diffrax.ClipStepSizeController`, the grid of a `diffrax.StepTo`,
+    and the knots of interpolated controls (`diffrax.LinearInterpolation`,
+    `diffrax.CubicInterpolation`, anywhere in `terms` or `args`).
 
-    Supports `diffrax.ODETerm`, `diffrax.ControlTerm` over a differentiable
-    path (neural CDEs), `ControlTerm(...).to_ode()` and `diffrax.MultiTerm`s of
-    these; `SaveAt(t0=..., t1=..., ts=...)`; gradients with respect to `y0`, `args` and
-    everything differentiable inside `terms`; `jax.jit` and `jax.vmap`.
+    Like `diffrax.BacksolveAdjoint` the gradient is that of the continuous problem, so
+    it differs from the gradient of the discretised solve
+    (`diffrax.RecursiveCheckpointAdjoint`) by the solver's error. Memory does not grow
+    with the number of steps: the backward solve keeps `steps_per_chunk` steps of
+    dense output at a time. It is fastest when the parameters are many and the state
+    is small.
+
+    Supports `diffrax.ODETerm`, `diffrax.ControlTerm` over a differentiable path
+    (neural CDEs), `ControlTerm(...).to_ode()` and `diffrax.MultiTerm`s of these;
+    `SaveAt(t0=..., t1=..., ts=...)`; any step size controller; gradients with respect
+    to `y0`, `args` and everything differentiable inside `terms`; `jax.jit` and
+    `jax.vmap`.
 
     Not supported (each raises an error at trace time): Brownian controls (SDEs; train
     them as ODEs driven by smooth noise with [`diffrax_extras.WongZakai`][], or use
-    [`diffrax_extras.ReversibleAdjoint`][]),
-    events, `SaveAt(steps=True)`, `SaveAt(dense=True)`, `SaveAt(fn=...)`,
-    `SaveAt(subs=...)`, and gradients with respect to `t0`, `t1`, `SaveAt(ts=...)` or
-    the knot times of an interpolated control.
+    [`diffrax_extras.ReversibleAdjoint`][]), events, `SaveAt(steps=True)`,
+    `SaveAt(dense=True)`, `SaveAt(fn=...)`, `SaveAt(subs=...)`, and gradients with
+    respect to `t0`, `t1`, `SaveAt(ts=...)` or the knot times of an interpolated
+    control.
 
     ??? cite "Reference"
 
@@ -112,27 +133,81 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     """
 
     n_nodes: int = eqx.field(static=True)
+    quadrature_rtol: float | None = eqx.field(static=True)
+    quadrature_atol: float | None = eqx.field(static=True)
+    max_refinements: int = eqx.field(static=True)
+    steps_per_chunk: int | None = eqx.field(static=True)
     kwargs: dict[str, Any]
 
-    def __init__(self, n_nodes: int = 8, **kwargs):
+    def __init__(
+        self,
+        n_nodes: int = 4,
+        *,
+        quadrature_rtol: float | None = None,
+        quadrature_atol: float | None = None,
+        max_refinements: int = 4,
+        steps_per_chunk: int | None = None,
+        **kwargs,
+    ):
         """**Arguments:**
 
-        - `n_nodes`: the number of Gauss–Legendre nodes per interval between saved
-            times (and knots of interpolated controls).
-        - `**kwargs`: options for the backward solves, as for
+        - `n_nodes`: the number of Gauss–Legendre nodes on each backward step (at
+            least 2: the `(n_nodes - 1)`-point rule gives the error estimate).
+        - `quadrature_rtol`, `quadrature_atol`: the quadrature's tolerance. The
+            error estimate must satisfy `max|error| <= atol + rtol * max|gradient|` in
+            every leaf of the parameters' gradient. By default, the backward step size
+            controller's `rtol` and `atol`, but no less than 1000 times the machine
+            epsilon of the state's dtype; `1e-6` (or that floor) for fixed backward
+            steps. A tolerance you pass is used as it is.
+        - `max_refinements`: how many times the backward steps may be halved for the
+            quadrature before the gradient is declared inaccurate.
+        - `steps_per_chunk`: how many backward steps are integrated by one batched
+            vector-Jacobian product, of `steps_per_chunk * (2 * n_nodes - 1)`
+            evaluations of the vector field at once. Larger is faster for large
+            models and costs memory in proportion. By default 16, or fewer for a
+            large state: at most `512 / (size of y)`, and at least 1.
+        - `**kwargs`: options for the backward solve, as for
             `diffrax.BacksolveAdjoint`: `solver`, `stepsize_controller`, `dt0`,
             `max_steps` and `throw`. Each defaults to what the forward solve used
-            (`dt0` with its sign flipped). `max_steps` applies to each interval.
+            (`dt0`'s magnitude is used). The defaults for a forward `StepTo` are the
+            same grid backwards; for a forward `ConstantStepSize`, the same step;
+            `max_steps` defaults to the forward solve's plus the number of stops of
+            the backward solve (saved times, jumps, knots), each of which ends a step.
         """
         if isinstance(n_nodes, bool) or not isinstance(n_nodes, (int, np.integer)):
             raise TypeError(
-                f"`n_nodes` must be a positive integer, but got {n_nodes!r}."
+                f"`n_nodes` must be an integer of at least 2, but got {n_nodes!r}."
             )
-        if n_nodes < 1:
+        if n_nodes < 2:
             raise ValueError(
-                f"`n_nodes` must be at least 1, but got {n_nodes}. The default of 8 "
-                "integrates polynomials of degree up to 15 exactly."
+                f"`n_nodes` must be at least 2, but got {n_nodes}: the rule with one "
+                "node fewer estimates the quadrature's error."
             )
+        for name, value in (
+            ("max_refinements", max_refinements),
+            ("steps_per_chunk", 1 if steps_per_chunk is None else steps_per_chunk),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"`{name}` must be an integer, but got {value!r}.")
+        if max_refinements < 0:
+            raise ValueError(
+                f"`max_refinements` must be at least 0, but got {max_refinements}."
+            )
+        if steps_per_chunk is not None and steps_per_chunk < 1:
+            raise ValueError(
+                f"`steps_per_chunk` must be at least 1, but got {steps_per_chunk}."
+            )
+        for name, value in (
+            ("quadrature_rtol", quadrature_rtol),
+            ("quadrature_atol", quadrature_atol),
+        ):
+            if value is not None and not (
+                isinstance(value, (int, float, np.floating)) and value >= 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be a non-negative number or None, but got "
+                    f"{value!r}."
+                )
         unknown = set(kwargs) - _BACKWARD_KWARGS
         if unknown:
             raise ValueError(
@@ -140,6 +215,14 @@ class GaussLegendreAdjoint(AbstractAdjoint):
                 f"backward solve takes {sorted(_BACKWARD_KWARGS)}."
             )
         self.n_nodes = int(n_nodes)
+        self.quadrature_rtol = (
+            None if quadrature_rtol is None else float(quadrature_rtol)
+        )
+        self.quadrature_atol = (
+            None if quadrature_atol is None else float(quadrature_atol)
+        )
+        self.max_refinements = int(max_refinements)
+        self.steps_per_chunk = None if steps_per_chunk is None else int(steps_per_chunk)
         self.kwargs = kwargs
 
     def loop(
@@ -155,6 +238,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         event,
         t0,
         t1,
+        stepsize_controller,
+        dt0,
         **kwargs,
     ):
         check_no_event(
@@ -163,25 +248,7 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             "the adjoint equations would need the sensitivity of the event time.",
         )
         check_no_dense(_NAME, saveat, "the backward solve uses the saved outputs only.")
-        subs = jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
-        if len(subs) != 1:
-            raise NotImplementedError(
-                f"`{_NAME}()` does not support `SaveAt(subs=...)`. Save one set of "
-                "times with `SaveAt(t0=..., t1=..., ts=...)`."
-            )
-        (sub,) = subs
-        if sub.steps:
-            raise NotImplementedError(
-                f"`{_NAME}()` does not support `SaveAt(steps=True)`: the quadrature "
-                "runs over intervals between saved times that are known before the "
-                "solve. Save at fixed times with `SaveAt(ts=...)`, or use "
-                "`adjoint=diffrax_extras.ReversibleAdjoint()`."
-            )
-        if sub.fn is not save_y:
-            raise NotImplementedError(
-                f"`{_NAME}()` does not support `SaveAt(fn=...)`. Save the state with "
-                "`SaveAt(ts=...)` and apply the function to `sol.ys` afterwards."
-            )
+        _check_saveat(saveat)
         if is_sde(terms):
             raise NotImplementedError(
                 f"`{_NAME}()` does not support Brownian controls: quadrature needs "
@@ -198,9 +265,17 @@ class GaussLegendreAdjoint(AbstractAdjoint):
                 f"{type(terms).__name__}."
             )
         _check_terms(terms)
-        structure = solver.term_structure
+        backward_solver = self.kwargs.get("solver", solver)
+        structure = backward_solver.term_structure
         single_term = isinstance(structure, type) and issubclass(ODETerm, structure)
-        if "solver" not in self.kwargs and not single_term:
+        if not single_term:
+            if "solver" in self.kwargs:
+                raise ValueError(
+                    f"The backward solve of `{_NAME}()` is an ODE with a single "
+                    f"`ODETerm`, which `{_NAME}(solver={type(backward_solver).__name__}"
+                    "())` cannot solve. Pass an ODE solver, e.g. "
+                    f"`{_NAME}(solver=diffrax.Tsit5())`."
+                )
             raise NotImplementedError(
                 f"The backward solve of `{_NAME}()` is an ODE with a single term, "
                 f"which `{type(solver).__name__}` cannot solve. Pass a solver for it: "
@@ -208,6 +283,9 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             )
 
         t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
+        solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
+            _NAME, solver, stepsize_controller, dt0, init_state
+        )
         y = init_state.y
         terms = closure_convert_terms(terms, t0, y, args)
         args, terms = _nondifferentiable_knots((args, terms))
@@ -215,10 +293,15 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         init_state = nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
+        # Forward mode and second derivatives would go through a backward pass that
+        # gives first derivatives only: refused, with an error naming the way out.
+        inputs = reverse_mode_only((y, args, terms), _NAME)
         final_state, aux_stats = _loop_quadrature(
-            (y, args, terms),
+            inputs,
             self=self,
             solver=solver,
+            stepsize_controller=stepsize_controller,
+            dt0=dt0,
             saveat=saveat,
             init_state=init_state,
             event=event,
@@ -229,13 +312,43 @@ class GaussLegendreAdjoint(AbstractAdjoint):
         return only_transpose_ys(final_state), aux_stats
 
 
+def _check_saveat(saveat) -> None:
+    subs = jtu.tree_leaves(saveat.subs, is_leaf=is_subsaveat)
+    if len(subs) != 1:
+        raise NotImplementedError(
+            f"`{_NAME}()` does not support `SaveAt(subs=...)`. Save one set of "
+            "times with `SaveAt(t0=..., t1=..., ts=...)`."
+        )
+    (sub,) = subs
+    if sub.steps:
+        raise NotImplementedError(
+            f"`{_NAME}()` does not support `SaveAt(steps=True)`: the backward solve "
+            "stops at the saved times, which must be known before the solve. Save at "
+            "fixed times with `SaveAt(ts=...)`, or use "
+            "`adjoint=diffrax_extras.ReversibleAdjoint()`."
+        )
+    if sub.fn is not save_y:
+        raise NotImplementedError(
+            f"`{_NAME}()` does not support `SaveAt(fn=...)`. Save the state with "
+            "`SaveAt(ts=...)` and apply the function to `sol.ys` afterwards."
+        )
+
+
 def _check_terms(term: AbstractTerm) -> None:
     if isinstance(term, MultiTerm):
         for t in term.terms:
             _check_terms(t)
     elif isinstance(term, WrapTerm):
         _check_terms(term.term)
-    elif not isinstance(term, (ODETerm, ControlTerm)):
+    elif isinstance(term, ControlTerm):
+        control = term.control
+        if isinstance(control, CallableToPath) or not isinstance(control, AbstractPath):
+            raise NotImplementedError(
+                f"`{_NAME}()` needs the derivative of a `ControlTerm`'s control, "
+                "which a function of `(t0, t1)` does not give. Pass the control as a "
+                "`diffrax.AbstractPath` (e.g. `diffrax.LinearInterpolation`)."
+            )
+    elif not isinstance(term, ODETerm):
         raise NotImplementedError(
             f"`{_NAME}()` supports `ODETerm`, `ControlTerm` and `MultiTerm`s of them, "
             f"but got a `{type(term).__name__}`."
@@ -283,28 +396,47 @@ def _tree_sum(*trees: PyTree) -> PyTree:
     return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
 
 
+def _control_derivative(control: AbstractPath, t, t_mid) -> PyTree[Array]:
+    # A piecewise-polynomial control's derivative may jump at a knot, where `t` is
+    # often evaluated (a step ends there). Inside an interval between stops, take the
+    # side facing the interval: the left derivative in its upper half, the right one
+    # in its lower half.
+    if t_mid is None or not _is_knotted(control):
+        return control.derivative(t)
+    below = control.derivative(t, left=True)
+    above = control.derivative(t, left=False)
+    return jtu.tree_map(lambda b, a: jnp.where(t > t_mid, b, a), below, above)
+
+
 def ode_vector_field(
-    term: AbstractTerm, t: RealScalarLike, y: Y, args: Args
+    term: AbstractTerm, t: RealScalarLike, y: Y, args: Args, t_mid=None
 ) -> PyTree[Array]:
     """dy/dt of `term` at `t`: for a control term, its vector field times the
-    control's derivative."""
+    control's derivative. `t_mid`, if given, is the middle of the interval between
+    stops that `t` belongs to (see `_control_derivative`)."""
     if isinstance(term, MultiTerm):
-        return _tree_sum(*[ode_vector_field(x, t, y, args) for x in term.terms])
+        return _tree_sum(*[ode_vector_field(x, t, y, args, t_mid) for x in term.terms])
     if isinstance(term, WrapTerm):
-        out = ode_vector_field(term.term, t * term.direction, y, args)
+        inner_mid = None if t_mid is None else t_mid * term.direction
+        out = ode_vector_field(term.term, t * term.direction, y, args, inner_mid)
         return tree_lincomb((term.direction, out))
+    if isinstance(term, ODETerm) and isinstance(term.vector_field, ControlToODE):
+        return ode_vector_field(term.vector_field.control_term, t, y, args, t_mid)
     if isinstance(term, ODETerm):
         return term.vf(t, y, args)
     assert isinstance(term, ControlTerm)
-    return term.vf_prod(t, y, args, term.control.derivative(t))
+    return term.vf_prod(t, y, args, _control_derivative(term.control, t, t_mid))
 
 
-def _adjoint_vector_field(t, y__a, args__terms):
-    y, a = y__a
-    args, terms = args__terms
-    f, vjp_fn = jax.vjp(lambda _y: ode_vector_field(terms, t, _y, args), y)
+def _backward_vector_field(s, z, args):
+    """d(y, a)/ds in the backward time s = -t."""
+    (forward_args, forward_terms, t_mid) = args
+    y, a = z
+    f, vjp_fn = jax.vjp(
+        lambda _y: ode_vector_field(forward_terms, -s, _y, forward_args, t_mid), y
+    )
     (a_f_y,) = vjp_fn(a)
-    return f, jtu.tree_map(jnp.negative, a_f_y)
+    return jtu.tree_map(jnp.negative, f), a_f_y
 
 
 @eqx.filter_custom_vjp
@@ -335,6 +467,215 @@ def _loop_quadrature_fwd(perturbed, y__args__terms, **kwargs):
     return (final_state, aux_stats), residuals
 
 
+class _Setup(eqx.Module):
+    """The backward solve and quadrature, as resolved from the adjoint's options and
+    the forward solve's."""
+
+    backward: BackwardSolve
+    quadrature: Quadrature
+    jumps: list
+    steps: list
+    throw: bool = eqx.field(static=True)
+
+
+def _epsilon(y0: PyTree) -> float:
+    dtypes = [
+        jnp.result_type(x) for x in jtu.tree_leaves(y0) if eqx.is_inexact_array(x)
+    ]
+    return max(
+        (float(jnp.finfo(d).eps) for d in dtypes), default=float(jnp.finfo(float).eps)
+    )
+
+
+def _tolerance(value: float | None, fallback, floor: float):
+    """The tolerance set by the user, else `fallback` (a controller's, perhaps an
+    array) raised to `floor`: a Python float where possible, so that error messages
+    can print it."""
+    if value is not None:
+        return value
+    if isinstance(fallback, (int, float, np.floating)):
+        return max(float(fallback), floor)
+    return jnp.maximum(fallback, floor)
+
+
+def _backward_stepping(user, forward, dt0, direction, time_dtype):
+    """How the backward solve steps: `(adaptive controller or None, fixed step or
+    None, jump times, step times)` from the controller passed to the adjoint (in the
+    user's time) or else the forward solve's (already in normalised time)."""
+    if user is None:
+        controller = forward
+    elif isinstance(user, StepTo):
+        raise ValueError(
+            f"`{_NAME}(stepsize_controller=diffrax.StepTo(...))` cannot be used: "
+            "the backward solve also stops at every saved time, jump and knot. "
+            f"Pass `{_NAME}(stepsize_controller=diffrax.ConstantStepSize(), "
+            "dt0=...)` or an adaptive controller."
+        )
+    else:
+        controller = user.wrap(direction)
+    jumps, steps = [], []
+    if isinstance(controller, ClipStepSizeController):
+        # Its times become stops of the backward solve, which clips its steps itself.
+        if controller.jump_ts is not None:
+            jumps.append(controller.jump_ts)
+        if controller.step_ts is not None:
+            steps.append(controller.step_ts)
+        controller = controller.controller
+    if isinstance(controller, StepTo):
+        # The forward grid, backwards: one step between consecutive grid times.
+        steps.append(controller.ts)
+        return None, jnp.asarray(jnp.inf, time_dtype), jumps, steps
+    if isinstance(controller, ConstantStepSize):
+        if dt0 is None:
+            raise ValueError(
+                f"The backward solve of `{_NAME}()` takes constant steps but has no "
+                f"step size: pass `{_NAME}(dt0=...)`."
+            )
+        return None, dt0, jumps, steps
+    if isinstance(controller, AbstractAdaptiveStepSizeController):
+        return controller, None, jumps, steps
+    raise ValueError(
+        f"`{_NAME}()` cannot run its backward solve with the step size controller "
+        f"`{type(controller).__name__}`. Pass one with "
+        f"`{_NAME}(stepsize_controller=diffrax.PIDController(rtol=..., atol=...))` "
+        "or `diffrax.ConstantStepSize()` with `dt0=...`."
+    )
+
+
+def _quadrature(self: GaussLegendreAdjoint, adaptive, y0) -> Quadrature:
+    """The rule and its tolerance: the adjoint's, else the backward controller's,
+    raised to the rounding level of the two rules' difference."""
+    floor = 1000 * _epsilon(y0)
+    if adaptive is None:
+        rtol = atol = max(1e-6, floor)
+    else:
+        rtol, atol = getattr(adaptive, "rtol", 1e-6), getattr(adaptive, "atol", 1e-6)
+    chunk_size = self.steps_per_chunk
+    if chunk_size is None:
+        # The nodes' batch holds the vector field's intermediate values at every node:
+        # for a large state, fewer steps at a time keep it to a few times the memory of
+        # `RecursiveCheckpointAdjoint` (measured: 17x at a state of 1024 with 16).
+        size = sum(math.prod(jnp.shape(x)) for x in jtu.tree_leaves(y0))
+        chunk_size = min(_STEPS_PER_CHUNK, max(1, 512 // max(size, 1)))
+    return Quadrature(
+        rule=GaussRule(self.n_nodes),
+        chunk_size=chunk_size,
+        max_refinements=self.max_refinements,
+        rtol=_tolerance(self.quadrature_rtol, rtol, floor),
+        atol=_tolerance(self.quadrature_atol, atol, floor),
+    )
+
+
+def _setup(
+    self: GaussLegendreAdjoint,
+    *,
+    solver,
+    stepsize_controller,
+    dt0,
+    max_steps,
+    throw,
+    direction,
+    y0,
+    time_dtype,
+    num_stops,
+) -> _Setup:
+    """Resolves the backward solve's solver, controller, step and tolerances."""
+    options = self.kwargs
+    dt0 = options.get("dt0", dt0)
+    dt0 = None if dt0 is None else jnp.abs(jnp.asarray(dt0, time_dtype))
+    adaptive, step, jumps, steps = _backward_stepping(
+        options.get("stepsize_controller"),
+        stepsize_controller,
+        dt0,
+        direction,
+        time_dtype,
+    )
+    # Each stop ends a backward step that the forward solve need not have taken.
+    num_stops += sum(math.prod(jnp.shape(x)) for x in jumps + steps)
+    max_steps = options.get(
+        "max_steps", None if max_steps is None else max_steps + num_stops
+    )
+    backward = BackwardSolve(
+        solver=options.get("solver", solver),
+        controller=adaptive,
+        dt0=dt0,
+        step=step,
+        max_steps=max_steps,
+    )
+    return _Setup(
+        backward=backward,
+        quadrature=_quadrature(self, adaptive, y0),
+        jumps=jumps,
+        steps=steps,
+        throw=options.get("throw", throw),
+    )
+
+
+def _integrand(args, terms) -> Integrand:
+    def pullback(ts, ys, cts):
+        def _f(_args, _terms):
+            return jax.vmap(lambda t, y: ode_vector_field(_terms, t, y, _args))(ts, ys)
+
+        _, vjp_fn = eqx.filter_vjp(_f, args, terms)
+        return vjp_fn(cts)
+
+    return Integrand(pullback=pullback, zeros=zeros_cotangent((args, terms)))
+
+
+def _format(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return "as set on the controller"
+
+
+def _check_outcome(outcome: Outcome, setup: _Setup, forward_result, cotangents):
+    """NaN cotangents, or with `throw=True` an error, for a backward solve that failed
+    or a quadrature whose error estimate is above tolerance."""
+    quadrature = setup.quadrature
+    accurate = outcome.accurate
+    solved = outcome.result == RESULTS.successful
+    ok = solved & accurate
+    if setup.throw:
+        backward_failed = jnp.logical_not(solved) & (
+            forward_result == RESULTS.successful
+        )
+        max_steps = setup.backward.max_steps
+        messages = [
+            f"The backward solve of `{_NAME}` failed: {m} Change the backward solve "
+            f"with `{_NAME}(solver=..., stepsize_controller=..., dt0=..., "
+            "max_steps=...)`."
+            for m in result_messages()
+        ]
+        messages[result_index(RESULTS.max_steps_reached)] = (
+            f"The backward solve of `{_NAME}` reached the maximum number of solver "
+            f"steps (max_steps={max_steps}). Pass a larger "
+            f"`{_NAME}(max_steps=...)`, or take larger backward steps with "
+            f"`{_NAME}(stepsize_controller=...)`."
+        )
+        cotangents = eqx.branched_error_if(
+            cotangents, backward_failed, result_index(outcome.result), messages
+        )
+        cotangents = eqx.error_if(
+            cotangents,
+            solved & jnp.logical_not(accurate),
+            f"The quadrature of `{_NAME}` did not reach its tolerance "
+            f"(quadrature_rtol={_format(quadrature.rtol)}, "
+            f"quadrature_atol={_format(quadrature.atol)}) after halving the backward "
+            f"steps {quadrature.max_refinements} times, so the parameter gradient "
+            "would be inaccurate. Take smaller backward steps "
+            f"(`{_NAME}(stepsize_controller=..., dt0=...)`), allow more halvings "
+            f"(`{_NAME}(max_refinements=...)`), or loosen `quadrature_rtol` and "
+            "`quadrature_atol`.",
+        )
+
+    def fill(x):
+        if eqx.is_inexact_array(x):
+            return jnp.where(ok, x, jnp.nan)
+        return x
+
+    return jtu.tree_map(fill, cotangents)
+
+
 @_loop_quadrature.def_bwd
 def _loop_quadrature_bwd(
     residuals,
@@ -360,96 +701,39 @@ def _loop_quadrature_bwd(
     grad_final_state, _ = grad_final_state__aux_stats
     grad_ys = materialise_cotangent(save_ys, grad_final_state.save_state.ys)
     y0, args, terms = y__args__terms
-    n_nodes = self.n_nodes
-    backward: dict[str, Any] = dict(
+    time_dtype = save_ts.dtype
+    direction = _direction(terms)
+    knots = [jnp.asarray(k * direction, time_dtype) for k in _knots((args, terms))]
+    num_stops = 1 + save_ts.shape[0] + sum(math.prod(k.shape) for k in knots)
+    setup = _setup(
+        self,
         solver=solver,
         stepsize_controller=stepsize_controller,
-        dt0=None if dt0 is None else -dt0,
+        dt0=dt0,
         max_steps=max_steps,
         throw=throw,
+        direction=direction,
+        y0=y0,
+        time_dtype=time_dtype,
+        num_stops=num_stops,
     )
-    backward.update(self.kwargs)
-
-    # The breakpoints of the quadrature: t0, the saved times (where `a` jumps and `y`
-    # is reset to its saved value) and the knots of interpolated controls, in order.
-    time_dtype = save_ts.dtype
-    t_last = save_ts[-1]
-    direction = _direction(terms)
-    knots = [
-        jnp.clip(jnp.asarray(k * direction, time_dtype), t0, t_last)
-        for k in _knots((args, terms))
-    ]
-    num_saves = save_ts.shape[0]
-    num_knots = sum(k.shape[0] for k in knots)
-    times = jnp.concatenate([jnp.reshape(t0, (1,)).astype(time_dtype), save_ts, *knots])
-    is_save = np.concatenate(
-        [[False], np.full(num_saves, True), np.full(num_knots, False)]
+    stops = make_stops(
+        jnp.asarray(t0, time_dtype),
+        save_ts,
+        jumps=[*setup.jumps, *knots],
+        steps=setup.steps,
     )
-
-    def _pad(x, fill):
-        pad = jnp.zeros((num_knots, *x.shape[1:]), x.dtype)
-        return jnp.concatenate([fill[None], x, pad])
-
-    ys_at = jtu.tree_map(lambda ys, y: _pad(ys, y), save_ys, y0)
-    jumps = jtu.tree_map(lambda g, y: _pad(g, jnp.zeros_like(y)), grad_ys, y0)
-    order = jnp.argsort(times, stable=True)
-    times = times[order]
-    is_save = jnp.asarray(is_save)[order]
-    ys_at = jtu.tree_map(lambda x: x[order], ys_at)
-    jumps = jtu.tree_map(lambda x: x[order], jumps)
-
-    nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
-    # Descending, the direction of the backward solve.
-    nodes = jnp.asarray((nodes[::-1] + 1) / 2, time_dtype)
-    weights = jnp.asarray(weights[::-1] / 2, time_dtype)
-    adjoint_term = ODETerm(_adjoint_vector_field)
-
-    def _parameter_vjp(ts, ys, cts):
-        def _f(_args, _terms):
-            return jax.vmap(lambda t, y: ode_vector_field(_terms, t, y, _args))(ts, ys)
-
-        _, vjp_fn = eqx.filter_vjp(_f, args, terms)
-        return vjp_fn(cts)
-
-    def _interval(carry, xs):
-        y, a, ct_args, ct_terms, result = carry
-        lower, upper, save_here, y_saved, jump = xs
-        y = jtu.tree_map(lambda s, c: jnp.where(save_here, s, c), y_saved, y)
-        a = tree_add(a, jump)
-        ts = lower + (upper - lower) * nodes
-        sol = diffrax.diffeqsolve(
-            adjoint_term,
-            t0=upper,
-            t1=lower,
-            y0=(y, a),
-            args=(args, terms),
-            saveat=SaveAt(ts=ts, t1=True),
-            **backward,
-        )
-        node_ys, node_as = jtu.tree_map(lambda x: x[:n_nodes], sol.ys)
-        y, a = jtu.tree_map(lambda x: x[n_nodes], sol.ys)
-        w = weights * (upper - lower)
-        cts = jtu.tree_map(
-            lambda x: jnp.asarray(w, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)) * x,
-            node_as,
-        )
-        _ct_args, _ct_terms = _parameter_vjp(ts, node_ys, cts)
-        # With `throw=False`, a backward solve that fails is as bad as a forward one.
-        result = RESULTS.where(result == RESULTS.successful, sol.result, result)
-        ct_args = tree_add(ct_args, _ct_args)
-        ct_terms = tree_add(ct_terms, _ct_terms)
-        return (y, a, ct_args, ct_terms, result), None
-
-    first = jtu.tree_map(lambda x: x[0], jumps)
-    rest = jtu.tree_map(lambda x: x[1:], (is_save, ys_at, jumps))
-    carry = (
-        y0,
-        zeros_cotangent(y0),
-        zeros_cotangent(args),
-        zeros_cotangent(terms),
-        result,
+    outcome = solve_backward(
+        term=ODETerm(_backward_vector_field),
+        args_of=lambda t_mid: (args, terms, t_mid),
+        stops=stops,
+        save_ys=save_ys,
+        grad_ys=grad_ys,
+        backward=setup.backward,
+        quadrature=setup.quadrature,
+        integrand=_integrand(args, terms),
+        result=result,
     )
-    (_, a, ct_args, ct_terms, result), _ = lax.scan(
-        _interval, carry, (times[:-1], times[1:], *rest), reverse=True
-    )
-    return nan_if_failed(result, (tree_add(a, first), ct_args, ct_terms))
+    ct_args, ct_terms = outcome.value
+    cotangents = (outcome.adjoint, ct_args, ct_terms)
+    return _check_outcome(outcome, setup, result, cotangents)
