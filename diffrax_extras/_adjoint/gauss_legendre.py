@@ -40,7 +40,12 @@ from .._diffrax_internals import (
     WrapTerm,
     Y,
 )
-from .._misc import materialise_cotangent, tree_lincomb, zeros_cotangent
+from .._misc import (
+    check_integer,
+    materialise_cotangent,
+    tree_lincomb,
+    zeros_cotangent,
+)
 from .common import (
     check_no_dense,
     check_no_event,
@@ -174,29 +179,15 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             `max_steps` defaults to the forward solve's plus the number of stops of
             the backward solve (saved times, jumps, knots), each of which ends a step.
         """
-        if isinstance(n_nodes, bool) or not isinstance(n_nodes, (int, np.integer)):
-            raise TypeError(
-                f"`n_nodes` must be an integer of at least 2, but got {n_nodes!r}."
-            )
-        if n_nodes < 2:
-            raise ValueError(
-                f"`n_nodes` must be at least 2, but got {n_nodes}: the rule with one "
-                "node fewer estimates the quadrature's error."
-            )
-        for name, value in (
-            ("max_refinements", max_refinements),
-            ("steps_per_chunk", 1 if steps_per_chunk is None else steps_per_chunk),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"`{name}` must be an integer, but got {value!r}.")
-        if max_refinements < 0:
-            raise ValueError(
-                f"`max_refinements` must be at least 0, but got {max_refinements}."
-            )
-        if steps_per_chunk is not None and steps_per_chunk < 1:
-            raise ValueError(
-                f"`steps_per_chunk` must be at least 1, but got {steps_per_chunk}."
-            )
+        n_nodes = check_integer(
+            n_nodes,
+            "n_nodes",
+            2,
+            "The rule with one node fewer estimates the quadrature's error.",
+        )
+        max_refinements = check_integer(max_refinements, "max_refinements", 0)
+        if steps_per_chunk is not None:
+            steps_per_chunk = check_integer(steps_per_chunk, "steps_per_chunk", 1)
         for name, value in (
             ("quadrature_rtol", quadrature_rtol),
             ("quadrature_atol", quadrature_atol),
@@ -214,15 +205,15 @@ class GaussLegendreAdjoint(AbstractAdjoint):
                 f"`{_NAME}` got unknown keyword arguments {sorted(unknown)}; the "
                 f"backward solve takes {sorted(_BACKWARD_KWARGS)}."
             )
-        self.n_nodes = int(n_nodes)
+        self.n_nodes = n_nodes
         self.quadrature_rtol = (
             None if quadrature_rtol is None else float(quadrature_rtol)
         )
         self.quadrature_atol = (
             None if quadrature_atol is None else float(quadrature_atol)
         )
-        self.max_refinements = int(max_refinements)
-        self.steps_per_chunk = None if steps_per_chunk is None else int(steps_per_chunk)
+        self.max_refinements = max_refinements
+        self.steps_per_chunk = steps_per_chunk
         self.kwargs = kwargs
 
     def loop(
