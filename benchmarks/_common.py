@@ -1,5 +1,6 @@
 """What every benchmark script shares: the command line, the machine record,
-interleaved timing, gradient errors and the markdown/JSON output."""
+interleaved timing, compile time, gradient errors, the markdown/JSON output and the
+charts."""
 
 import argparse
 import importlib.metadata
@@ -18,6 +19,10 @@ import numpy as np
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 MODES = ("tiny", "quick", "full", "device")
+# The papers the headline sets our measurements against.
+KIDGER = "Kidger et al. 2021"
+MCCALLUM = "McCallum & Foster 2024"
+NORCLIFFE = "Norcliffe & Deisenroth 2023"
 
 
 def parse_args(
@@ -157,3 +162,28 @@ def save(name: str, args: argparse.Namespace, payload: dict, table: str) -> None
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     (args.out / f"{stem}.md").write_text(table)
     print(table, flush=True)
+
+
+def bar_chart(path, title, labels, series, ylabel, log=False) -> None:
+    """Grouped horizontal bars: one group per label, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) * len(series) + 1.5))
+    height = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        positions = [j + i * height for j in range(len(labels))]
+        ax.barh(positions, values, height=height, label=name)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(labels))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(ylabel)
+    if log:
+        ax.set_xscale("log")
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -25,8 +25,6 @@ reported separately. Writes `benchmarks/results/brownian{_quick,_tiny}.{json,md}
 Run: `python benchmarks/brownian.py [--mode full|quick|tiny]`.
 """
 
-import time
-
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
@@ -34,8 +32,11 @@ import jax.random as jr
 import lineax as lx
 import numpy as np
 from _common import (
+    bar_chart,
+    compile_timed,
     describe,
     interleaved_medians,
+    KIDGER,
     log,
     machine,
     markdown_table,
@@ -163,9 +164,7 @@ def run(grid, repeats, levy_areas, contexts, modes):
                     built, compile_s, steps, rejected = {}, {}, {}, {}
                     for name in names:
                         fn, count = build(name, num_steps, mode, levy_area)
-                        start = time.perf_counter()
-                        compiled = fn.lower(key).compile()
-                        compile_s[name] = time.perf_counter() - start
+                        compiled, compile_s[name] = compile_timed(fn, key)
                         if count is None:  # the solve reports its own step count
                             _, accepted, rejects = compiled(key)
                             count = int(accepted) + int(rejects)
@@ -261,6 +260,47 @@ def main():
     rows = run(grid, args.repeats, levy_areas, contexts, modes)
     payload = dict(machine=info, shape=SHAPE, rows=rows)
     save("brownian", args, payload, markdown(rows, info, args.repeats))
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Brownian motion: BrownianInterval against diffrax's paths"
+
+
+def headline(data) -> list[dict]:
+    rows = data["rows"]
+    largest = max(r["N"] for r in rows)
+    pick = {
+        r["path"]: r
+        for r in rows
+        if r["N"] == largest
+        and r["context"] == "diffeqsolve"
+        and r["mode"] == "on"
+        and r["levy_area"] == "BrownianIncrement"
+    }
+    return [
+        dict(
+            comparison=f"Brownian path inside diffeqsolve (Heun, N = {largest})",
+            ours="BrownianInterval",
+            instead_of="VirtualBrownianTree",
+            measured=pick["VirtualBrownianTree"]["us_per_step"]
+            / pick["BrownianInterval"]["us_per_step"],
+            unit="x faster",
+            paper=10.6,
+            source=f"{KIDGER}: up to 10.6x",
+        )
+    ]
+
+
+def chart(data, path) -> None:
+    groups: dict = {}
+    for r in data["rows"]:
+        if r["context"] == "diffeqsolve":
+            label = f"N={r['N']} {r['levy_area']} {r['mode']}"
+            groups.setdefault(r["path"], {})[label] = r["us_per_step"]
+    labels = list(groups["BrownianInterval"])
+    series = {p: [v.get(x, 0.0) for x in labels] for p, v in groups.items()}
+    bar_chart(path, TITLE, labels, series, "µs per step", log=True)
 
 
 if __name__ == "__main__":

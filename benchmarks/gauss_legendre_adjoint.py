@@ -46,12 +46,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _common import (
+    bar_chart,
     compile_timed,
     describe,
     interleaved_medians,
     log,
     machine,
     markdown_table,
+    NORCLIFFE,
     parse_args,
     relative_error,
     save,
@@ -353,6 +355,41 @@ def main():
     payload = dict(machine=info, rows=rows, memory=memory_rows)
     table = markdown(rows, info, args.repeats) + "\n" + memory_markdown(memory_rows)
     save("gauss_legendre_adjoint", args, payload, table)
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Gauss–Legendre quadrature adjoint against Backsolve"
+
+
+def headline(data) -> list[dict]:
+    # diffrax's default SaveAt(t1=True), where one interval between saved times spans
+    # the whole solve.
+    rows = [r for r in data["rows"] if r["state"] == 4 and r["setting"] == "t1 only"]
+    width = max(r["width"] for r in rows)
+    pick = {r["adjoint"]: r for r in rows if r["width"] == width}
+    ours = "GaussLegendreAdjoint()"
+    return [
+        dict(
+            comparison=f"neural ODE gradient, MLP width {width}, SaveAt(t1=True)",
+            ours=ours,
+            instead_of="BacksolveAdjoint",
+            measured=pick["BacksolveAdjoint"]["seconds"] / pick[ours]["seconds"],
+            unit=f"x faster (gradient error {pick[ours]['error_vs_tight']:.0e})",
+            paper=None,
+            source=f"{NORCLIFFE}: faster, most for large models",
+        )
+    ]
+
+
+def chart(data, path) -> None:
+    groups = {}
+    for r in data["rows"]:
+        label = f"{r['setting']}, W={r['width']}, state {r['state']}"
+        groups.setdefault(r["adjoint"], {})[label] = r["seconds"] * 1e3
+    labels = list(next(iter(groups.values())))
+    series = {a: [v[x] for x in labels] for a, v in groups.items()}
+    bar_chart(path, TITLE, labels, series, "ms per gradient", log=True)
 
 
 if __name__ == "__main__":

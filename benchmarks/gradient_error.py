@@ -36,10 +36,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _common import (
+    bar_chart,
     describe,
     log,
     machine,
     markdown_table,
+    MCCALLUM,
     parse_args,
     relative_error,
     save,
@@ -286,6 +288,55 @@ def main():
     drift_rows = drift(grid, solvers)
     payload = dict(machine=info, adjoints=adjoint_rows, drift=drift_rows)
     save("gradient_error", args, payload, markdown(adjoint_rows, drift_rows, info))
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Gradient error of each adjoint"
+
+
+def headline(data) -> list[dict]:
+    out = []
+    for r in data["adjoints"]:
+        if r["adjoint"] == "RecursiveCheckpointAdjoint":
+            continue
+        exact = r["adjoint"] == "ReversibleAdjoint"
+        theirs = r["adjoint"] == "BacksolveAdjoint"
+        out.append(
+            dict(
+                comparison=f"gradient error, N = {r['steps']} fixed steps",
+                ours=f"{r['solver']} + {r['adjoint']}"
+                + (" (diffrax's, for reference)" if theirs else ""),
+                instead_of="the same solver + RecursiveCheckpointAdjoint (exact)",
+                measured=r["float64_vs_discrete"],
+                unit=f"relative error in float64 ({r['float32_vs_discrete']:.0e} "
+                "in float32)",
+                paper=None,
+                source=(
+                    f"{MCCALLUM}: exact to rounding"
+                    if exact
+                    else "continuous adjoint: off by the solver's error"
+                ),
+            )
+        )
+    return out
+
+
+def chart(data, path) -> None:
+    rows = data["adjoints"]
+    labels = [f"{r['solver']} + {r['adjoint']}" for r in rows]
+    series = {
+        "float64": [max(r["float64_vs_discrete"], 1e-17) for r in rows],
+        "float32": [max(r["float32_vs_discrete"], 1e-17) for r in rows],
+    }
+    bar_chart(
+        path,
+        "Gradient error against the exact discrete gradient",
+        labels,
+        series,
+        "relative error (1e-17 = exactly equal)",
+        log=True,
+    )
 
 
 if __name__ == "__main__":

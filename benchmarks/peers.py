@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from _common import (
+    bar_chart,
     compile_timed,
     describe,
     log,
@@ -1090,6 +1091,36 @@ def argparse_hidden():
     import argparse
 
     return argparse.SUPPRESS
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Peers: the PyTorch libraries users would pick instead"
+
+
+def headline(data) -> list[dict]:
+    # Its own table (README, results/peers.md): the headline compares with diffrax.
+    return []
+
+
+def chart(data, path) -> None:
+    rows = [
+        r
+        for p in data["processes"]
+        for r in p["timing"]
+        if not r.get("skipped") and r["side"] == "peer"
+    ]
+
+    def peer_label(r):
+        peer = r["configuration"].split(" (")[0]
+        peer += ", seminorm" if "seminorm" in r["configuration"] else ""
+        problem = r["problem"].split(" (")[0].split(" consecutive")[0]
+        return f"{peer}: {problem.split(', ')[-1]}, threads {r['threads']}"
+
+    labels = [peer_label(r) for r in rows]
+    series = {"peer's time / ours": [r["peer_over_ours"] for r in rows]}
+    title = "The PyTorch peers: their time / ours"
+    bar_chart(path, title, labels, series, "x (above 1: ours faster)", log=True)
 
 
 if __name__ == "__main__":

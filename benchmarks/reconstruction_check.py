@@ -63,7 +63,15 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _common import describe, log, machine, markdown_table, parse_args, save
+from _common import (
+    bar_chart,
+    describe,
+    log,
+    machine,
+    markdown_table,
+    parse_args,
+    save,
+)
 
 
 jax.config.update("jax_enable_x64", True)
@@ -764,6 +772,28 @@ def main():
             "the adjoint's verdict disagrees with the computed metric in cases "
             f"{summary['disagreements']}"
         )
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Reconstruction check: the wrong gradients it refuses, and the right ones"
+
+
+def headline(data) -> list[dict]:
+    # Its own table: diffrax has no such check to compare with.
+    return []
+
+
+def chart(data, path) -> None:
+    sweep = data["summary"]["sweep"]
+    labels = [f"tolerance {s['tolerance']:g}" for s in sweep]
+    series = {
+        "misses": [s["misses"] for s in sweep],
+        "false alarms": [s["false_alarms"] for s in sweep],
+        "previous check: misses": [s["old_misses"] for s in sweep],
+        "previous check: false alarms": [s["old_false_alarms"] for s in sweep],
+    }
+    bar_chart(path, TITLE, labels, series, "cases")
 
 
 if __name__ == "__main__":

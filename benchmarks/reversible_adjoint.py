@@ -32,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from _common import (
+    bar_chart,
     compile_timed,
     describe,
     interleaved_medians,
     log,
     machine,
     markdown_table,
+    MCCALLUM,
     parse_args,
     save,
     temp_bytes,
@@ -285,6 +287,63 @@ def main():
     payload = dict(machine=info, config=config, rows=rows, vmap_rows=vmap_rows)
     text = markdown(rows, info, config) + "\n\n" + markdown_vmap(vmap_rows)
     save("reversible_adjoint", args, payload, text)
+
+
+# The runner's report (`python -m benchmarks`): this section's title, its rows
+# in the headline table, and its chart.
+TITLE = "Reversible adjoint: time and memory against N"
+
+
+def headline(data) -> list[dict]:
+    rows = data["rows"]
+    largest = max(r["steps"] for r in rows)
+    smallest = min(r["steps"] for r in rows)
+    pick = {(r["steps"], r["adjoint"]): r for r in rows}
+    ours = "Reversible(Tsit5) + ReversibleAdjoint"
+    theirs = "Tsit5 + RecursiveCheckpointAdjoint"
+    if (largest, ours) not in pick:  # the ReversibleHeun group alone was run
+        ours, theirs = "ReversibleAdjoint", "RecursiveCheckpointAdjoint"
+
+    def mb(n, name):
+        return f"{pick[(n, name)]['temp_bytes'] / 1e6:.2f}"
+
+    return [
+        dict(
+            comparison=f"gradient memory, N = {smallest} → {largest} steps",
+            ours=ours,
+            instead_of=theirs,
+            measured=pick[(largest, theirs)]["temp_bytes"]
+            / pick[(largest, ours)]["temp_bytes"],
+            unit=(
+                f"x less at N = {largest} (ours {mb(smallest, ours)} → "
+                f"{mb(largest, ours)} MB; theirs {mb(smallest, theirs)} → "
+                f"{mb(largest, theirs)} MB)"
+            ),
+            paper=None,
+            source=f"{MCCALLUM}: memory constant in N",
+        ),
+        dict(
+            comparison=f"gradient time, N = {largest} steps",
+            ours=ours,
+            instead_of=theirs,
+            measured=pick[(largest, ours)]["seconds"]
+            / pick[(largest, theirs)]["seconds"],
+            unit="x the time (two base steps per step)",
+            paper=None,
+            source=f"{MCCALLUM}: about 2x the base solver's work",
+        ),
+    ]
+
+
+def chart(data, path) -> None:
+    groups = {}
+    for r in data["rows"]:
+        groups.setdefault(f"{r['group']}: {r['adjoint']}", {})[r["steps"]] = (
+            r["temp_bytes"] / 1e6
+        )
+    steps = sorted({r["steps"] for r in data["rows"]})
+    series = {f"N = {n}": [g[n] for g in groups.values()] for n in steps}
+    bar_chart(path, TITLE, list(groups), series, "temp memory (MB)", log=True)
 
 
 if __name__ == "__main__":

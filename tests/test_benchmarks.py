@@ -39,6 +39,7 @@ SECTION_ROWS = {
     ],
     "SDE-GAN step": ["weight clipping + LipSwish", "gradient penalty"],
     "Gradient error": ["ReversibleAdjoint", "BacksolveAdjoint", "GaussLegendreAdjoint"],
+    "Reconstruction check": ["| default |", "| previous |"],
 }
 # The papers' headline figures, each of which must sit beside our measurement.
 PAPER_FIGURES = ["1.98x", "10.6x", "1.87x"]
@@ -63,6 +64,7 @@ def test_runner_writes_every_row():
             "gauss_legendre_adjoint",
             "sde_gan_step",
             "gradient_error",
+            "reconstruction_check",
         }
         | peers
     )
