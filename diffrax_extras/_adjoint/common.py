@@ -197,3 +197,53 @@ def check_no_dense(adjoint: str, saveat: SaveAt, why: str) -> None:
             "times you need with `SaveAt(ts=...)`, or use "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
+
+
+def prepare_differentiated_inputs(
+    adjoint: str,
+    *,
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    saveat: SaveAt,
+    solver: Any,
+    stepsize_controller: Any,
+    dt0: Any,
+    init_state: Any,
+    terms: Any,
+    args: Any,
+) -> tuple[Any, ...]:
+    """What both adjoints do to `diffeqsolve`'s inputs before their `custom_vjp`: the
+    times and the solver's and controller's settings are marked not differentiable
+    (asking for their gradient raises an error naming them), and arrays that the
+    vector fields close over become leaves of `terms` (so they get gradients).
+
+    Returns `(t0, t1, saveat, solver, stepsize_controller, dt0, init_state, terms)`.
+    """
+    t0, t1, saveat = nondifferentiable_times(adjoint, t0, t1, saveat)
+    solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
+        adjoint, solver, stepsize_controller, dt0, init_state
+    )
+    terms = closure_convert_terms(terms, t0, init_state.y, args)
+    return t0, t1, saveat, solver, stepsize_controller, dt0, init_state, terms
+
+
+class _Hole:
+    """Where a differentiated part of diffrax's loop state was taken out."""
+
+
+def take_out(init_state: Any, parts: Any) -> tuple[tuple, Any]:
+    """`(parts(init_state), init_state with those parts replaced by holes)`, for
+    `parts` a function returning a tuple of parts of the state.
+
+    A `custom_vjp` differentiates its explicit inputs only, so the parts of
+    diffrax's initial loop state that carry gradients (`y`, and for a solve that
+    continues from `sol.solver_state`, the solver state) travel as inputs and are put
+    back with `put_back` inside it."""
+    values = parts(init_state)
+    holes = tuple(_Hole() for _ in values)
+    return values, eqx.tree_at(parts, init_state, holes, is_leaf=is_none)
+
+
+def put_back(hollow_state: Any, parts: Any, values: tuple) -> Any:
+    """The inverse of `take_out`."""
+    return eqx.tree_at(parts, hollow_state, values)

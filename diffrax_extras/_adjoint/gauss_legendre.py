@@ -49,10 +49,10 @@ from .._misc import (
 from .common import (
     check_no_dense,
     check_no_event,
-    closure_convert_terms,
     is_subsaveat,
-    nondifferentiable_settings,
-    nondifferentiable_times,
+    prepare_differentiated_inputs,
+    put_back,
+    take_out,
 )
 from .first_order import reverse_mode_only
 from .gl_backsolve import BackwardSolve, Outcome, Quadrature, solve_backward
@@ -61,6 +61,8 @@ from .gl_stops import make_stops
 
 
 _NAME = "GaussLegendreAdjoint"
+# The part of diffrax's initial loop state that carries gradients into the solve.
+_DIFFERENTIATED = lambda s: (s.y,)  # noqa: E731
 _BACKWARD_KWARGS = frozenset(
     {"solver", "stepsize_controller", "dt0", "max_steps", "throw"}
 )
@@ -273,14 +275,22 @@ class GaussLegendreAdjoint(AbstractAdjoint):
                 f"`{_NAME}(solver=diffrax.Tsit5())`."
             )
 
-        t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
-        solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
-            _NAME, solver, stepsize_controller, dt0, init_state
+        (t0, t1, saveat, solver, stepsize_controller, dt0, init_state, terms) = (
+            prepare_differentiated_inputs(
+                _NAME,
+                t0=t0,
+                t1=t1,
+                saveat=saveat,
+                solver=solver,
+                stepsize_controller=stepsize_controller,
+                dt0=dt0,
+                init_state=init_state,
+                terms=terms,
+                args=args,
+            )
         )
-        y = init_state.y
-        terms = closure_convert_terms(terms, t0, y, args)
         args, terms = _nondifferentiable_knots((args, terms))
-        init_state = eqx.tree_at(lambda s: s.y, init_state, object())
+        (y,), init_state = take_out(init_state, _DIFFERENTIATED)
         init_state = nondiff_solver_controller_state(
             self, init_state, passed_solver_state, passed_controller_state
         )
@@ -434,7 +444,7 @@ def _backward_vector_field(s, z, args):
 def _loop_quadrature(y__args__terms, *, self, throw, init_state, **kwargs):
     del throw
     y, args, terms = y__args__terms
-    init_state = eqx.tree_at(lambda s: s.y, init_state, y)
+    init_state = put_back(init_state, _DIFFERENTIATED, (y,))
     return self._loop(
         args=args,
         terms=terms,

@@ -187,7 +187,9 @@ def solve_backward(
                     z1,
                     args,
                     z_error,
-                    solver.error_order(term),
+                    # `None` for a solver of no known order, as diffrax's own loop
+                    # passes it: the controller then raises, naming the fix.
+                    solver.error_order(term),  # pyright: ignore[reportArgumentType]
                     st.controller_state,
                 )
             )

@@ -17,13 +17,13 @@ from .common import (
     check_no_dense,
     check_no_event,
     closure_convert_saveat,
-    closure_convert_terms,
     is_none,
     is_subsaveat,
     nan_if_failed,
     nan_or_raise,
-    nondifferentiable_settings,
-    nondifferentiable_times,
+    prepare_differentiated_inputs,
+    put_back,
+    take_out,
 )
 from .first_order import reverse_mode_only
 from .reconstruction import (
@@ -39,6 +39,8 @@ from .step_record import loop_and_record_steps, max_jumps
 
 
 _NAME = "ReversibleAdjoint"
+# The parts of diffrax's initial loop state that carry gradients into the solve.
+_DIFFERENTIATED = lambda s: (s.y, s.solver_state)  # noqa: E731
 
 
 def _is_save_state(x: Any) -> bool:
@@ -170,17 +172,22 @@ class ReversibleAdjoint(AbstractAdjoint):
                 "`diffrax_extras.BrownianInterval` (or `diffrax.VirtualBrownianTree`)."
             )
 
-        t0, t1, saveat = nondifferentiable_times(_NAME, t0, t1, saveat)
-        solver, stepsize_controller, dt0, init_state = nondifferentiable_settings(
-            _NAME, solver, stepsize_controller, dt0, init_state
+        (t0, t1, saveat, solver, stepsize_controller, dt0, init_state, terms) = (
+            prepare_differentiated_inputs(
+                _NAME,
+                t0=t0,
+                t1=t1,
+                saveat=saveat,
+                solver=solver,
+                stepsize_controller=stepsize_controller,
+                dt0=dt0,
+                init_state=init_state,
+                terms=terms,
+                args=args,
+            )
         )
-        y0 = init_state.y
-        saveat = closure_convert_saveat(saveat, t0, y0, args)
-        terms = closure_convert_terms(terms, t0, y0, args)
-        solver_state0 = init_state.solver_state
-        init_state = eqx.tree_at(
-            lambda s: (s.y, s.solver_state), init_state, (None, None), is_leaf=is_none
-        )
+        saveat = closure_convert_saveat(saveat, t0, init_state.y, args)
+        (y0, solver_state0), init_state = take_out(init_state, _DIFFERENTIATED)
         inputs = reverse_mode_only((y0, solver_state0, args, terms, saveat), _NAME)
         final_state, aux_stats = _loop_reversible(
             inputs,
@@ -263,12 +270,7 @@ def _loop_reversible(
 
 def _forward(inputs, self, init_state, max_steps, max_jumps, kwargs):
     y0, solver_state0, args, terms, saveat = inputs
-    init_state = eqx.tree_at(
-        lambda s: (s.y, s.solver_state),
-        init_state,
-        (y0, solver_state0),
-        is_leaf=is_none,
-    )
+    init_state = put_back(init_state, _DIFFERENTIATED, (y0, solver_state0))
     return loop_and_record_steps(
         self._loop,
         args=args,
