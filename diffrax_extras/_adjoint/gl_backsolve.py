@@ -340,6 +340,11 @@ def _initial_stepper(
     )
 
 
+def _is_none(x) -> bool:
+    # Solvers without state (`Heun`, ...) and some controllers hold `None` there.
+    return x is None
+
+
 def _start(st: _Stepper, *, term, args_of, stops, backward) -> _Stepper:
     """The solver's and controller's initial states, once the stops at the last saved
     time have set `(y, a)`."""
@@ -352,6 +357,7 @@ def _start(st: _Stepper, *, term, args_of, stops, backward) -> _Stepper:
             lambda x: (x.solver_state, x.made_jump),
             st,
             (solver_state, jnp.array(False)),
+            is_leaf=_is_none,
         )
     t_first, controller_state = backward.controller.init(
         term,
@@ -367,4 +373,5 @@ def _start(st: _Stepper, *, term, args_of, stops, backward) -> _Stepper:
         lambda x: (x.solver_state, x.controller_state, x.dt, x.made_jump),
         st,
         (solver_state, controller_state, t_first - st.s, jnp.array(False)),
+        is_leaf=_is_none,
     )
