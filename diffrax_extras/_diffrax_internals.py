@@ -56,7 +56,6 @@ from diffrax._term import (
 while_loop = eqxi.while_loop
 buffer_at_set = eqxi.buffer_at_set
 nondifferentiable = eqxi.nondifferentiable
-nondifferentiable_backward = eqxi.nondifferentiable_backward
 unvmap_any = eqxi.unvmap_any
 error_if = eqxi.error_if
 
@@ -97,7 +96,6 @@ __all__ = [
     "lax_outer_loop",
     "nondifferentiable",
     "nondiff_solver_controller_state",
-    "nondifferentiable_backward",
     "only_transpose_ys",
     "result_index",
     "result_messages",

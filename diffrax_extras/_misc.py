@@ -15,7 +15,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._diffrax_internals import BoolScalarLike, RealScalarLike, unvmap_any
 
 
-def _is_none(x) -> bool:
+def is_none(x) -> bool:
     return x is None
 
 
@@ -64,7 +64,7 @@ def materialise_cotangent(primal: PyTree, cotangent: PyTree | None) -> PyTree:
             return zeros_cotangent(x)
         return ct if eqx.is_inexact_array(x) else None
 
-    return jtu.tree_map(_fn, cotangent, primal, is_leaf=_is_none)
+    return jtu.tree_map(_fn, cotangent, primal, is_leaf=is_none)
 
 
 def tree_add(a: PyTree, b: PyTree) -> PyTree:
@@ -77,7 +77,7 @@ def tree_add(a: PyTree, b: PyTree) -> PyTree:
             return x
         return x + y
 
-    return jtu.tree_map(_add, a, b, is_leaf=_is_none)
+    return jtu.tree_map(_add, a, b, is_leaf=is_none)
 
 
 def tree_lincomb(*terms: tuple[ArrayLike, PyTree]) -> PyTree:

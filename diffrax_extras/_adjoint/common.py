@@ -13,14 +13,11 @@ from .._diffrax_internals import (
     nondifferentiable,
     RealScalarLike,
 )
+from .._misc import is_none
 
 
 def is_subsaveat(x: Any) -> bool:
     return isinstance(x, SubSaveAt)
-
-
-def is_none(x: Any) -> bool:
-    return x is None
 
 
 def _is_callable_control(x: Any) -> bool:

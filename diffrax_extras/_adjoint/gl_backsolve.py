@@ -31,7 +31,7 @@ from diffrax import (
 )
 from jaxtyping import Array, Bool, Int, PyTree, Real
 
-from .._misc import tree_add
+from .._misc import is_none, tree_add
 from .gl_quadrature import Chunk, chunk_integral, GaussRule, Integrand
 from .gl_stops import Stops
 
@@ -340,24 +340,21 @@ def _initial_stepper(
     )
 
 
-def _is_none(x) -> bool:
-    # Solvers without state (`Heun`, ...) and some controllers hold `None` there.
-    return x is None
-
-
 def _start(st: _Stepper, *, term, args_of, stops, backward) -> _Stepper:
     """The solver's and controller's initial states, once the stops at the last saved
     time have set `(y, a)`."""
     solver = backward.solver
     target = stops.at(st.stop)
     args = args_of(st.t_mid)
+    # Solvers without state (`Heun`, ...) and some controllers hold `None`, which
+    # `tree_at` must be told to replace.
     solver_state = solver.init(term, st.s, target, st.z, args)
     if backward.controller is None:
         return eqx.tree_at(
             lambda x: (x.solver_state, x.made_jump),
             st,
             (solver_state, jnp.array(False)),
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
     t_first, controller_state = backward.controller.init(
         term,
@@ -373,5 +370,5 @@ def _start(st: _Stepper, *, term, args_of, stops, backward) -> _Stepper:
         lambda x: (x.solver_state, x.controller_state, x.dt, x.made_jump),
         st,
         (solver_state, controller_state, t_first - st.s, jnp.array(False)),
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )

@@ -10,14 +10,13 @@ import jax.tree_util as jtu
 from diffrax import AbstractAdjoint, AbstractWrappedSolver, RESULTS
 
 from .._diffrax_internals import is_unsafe_sde, only_transpose_ys, SaveState
-from .._misc import materialise_cotangent, tree_add, zeros_cotangent
+from .._misc import is_none, materialise_cotangent, tree_add, zeros_cotangent
 from .._solver.base import AbstractReversibleSolver
 from .._solver.reversible_heun import ReversibleHeun
 from .common import (
     check_no_dense,
     check_no_event,
     closure_convert_saveat,
-    is_none,
     is_subsaveat,
     nan_if_failed,
     nan_or_raise,
