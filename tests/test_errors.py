@@ -193,7 +193,7 @@ def _langevin(solver):
     return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, (jnp.zeros(1), jnp.zeros(1)))
 
 
-def _gl_loss(a, *, controller=None, adjoint=None, dt0=0.1, throw=True):
+def _gl_loss(a, *, controller=None, adjoint=None, dt0: float | None = 0.1, throw=True):
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -args * y),
         dfx.Tsit5(),
@@ -223,7 +223,7 @@ def _gl_jump_ts_gradient():
     jax.grad(loss)(jnp.array(0.5))
 
 
-def _gl_backward(adjoint, dt0=0.1):
+def _gl_backward(adjoint, dt0: float | None = 0.1):
     return jax.block_until_ready(
         jax.jit(jax.grad(lambda a: _gl_loss(a, adjoint=adjoint, dt0=dt0)))(
             jnp.array(1.0)
@@ -234,7 +234,8 @@ def _gl_backward(adjoint, dt0=0.1):
 def _gl_callable_control():
     def loss(a):
         term = dfx.ControlTerm(
-            lambda t, y, args: -args * y[:, None], lambda t0, t1: (t1 - t0)[None]
+            lambda t, y, args: -args * y[:, None],
+            lambda t0, t1: jnp.asarray(t1 - t0)[None],
         )
         sol = _ode(solver=dfx.Tsit5(), adjoint=_GL, terms=term, args=a)
         assert sol.ys is not None

@@ -491,6 +491,7 @@ def test_time_scales_far_from_one():
     @eqx.filter_grad
     def grad(p, scale, adjoint):
         terms, y0, args = build(p)
+        assert isinstance(terms, dfx.ODETerm)
         field = terms.vector_field
 
         def scaled(t, y, args):
