@@ -95,9 +95,14 @@ def make(width, batch, setting):
     return params, static, y0, target
 
 
-def loss_fn(adjoint, static, setting, tol=RTOL):
-    t1, save_ts = SETTINGS[setting]
-    controller = dfx.PIDController(rtol=tol, atol=1e-2 * tol)
+def loss_fn(adjoint, static, t1, save_ts, *, tol=RTOL, fixed=False, max_steps=100_000):
+    """The mean squared error of the neural ODE's saved states (at `save_ts`, or at
+    `t1` only when it is `None`), with adaptive steps of tolerance `tol` or, with
+    `fixed`, steps of 0.01."""
+    if fixed:
+        controller, dt0 = dfx.ConstantStepSize(), 0.01
+    else:
+        controller, dt0 = dfx.PIDController(rtol=tol, atol=1e-2 * tol), None
     saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=save_ts)
 
     def loss(params, y0, target):
@@ -106,12 +111,12 @@ def loss_fn(adjoint, static, setting, tol=RTOL):
             dfx.Tsit5(),
             0.0,
             t1,
-            None,
+            dt0,
             y0,
             saveat=saveat,
             stepsize_controller=controller,
             adjoint=adjoint,
-            max_steps=100_000,
+            max_steps=max_steps,
         )
         assert sol.ys is not None
         return jnp.mean((sol.ys - target) ** 2)
@@ -139,13 +144,15 @@ def run(cases, repeats, names):
         params, static, y0, target = make(width, batch, setting)
         count = sum(x.size for x in jax.tree.leaves(params))
         inputs = (params, y0, target)
-        tight_loss = loss_fn(dfx.RecursiveCheckpointAdjoint(), static, setting, 1e-11)
+        tight_loss = loss_fn(
+            dfx.RecursiveCheckpointAdjoint(), static, *SETTINGS[setting], tol=1e-11
+        )
         tight = jax.jit(jax.grad(tight_loss))(*inputs)
         fns, compile_s, memory, grads = {}, {}, {}, {}
         for name, adjoint in adjoints().items():
             if name not in names:
                 continue
-            grad = jax.jit(jax.grad(loss_fn(adjoint, static, setting)))
+            grad = jax.jit(jax.grad(loss_fn(adjoint, static, *SETTINGS[setting])))
             compiled, compile_s[name] = compile_timed(grad, *inputs)
             memory[name] = temp_bytes(compiled)
             grads[name] = jax.block_until_ready(compiled(*inputs))
@@ -168,33 +175,6 @@ def run(cases, repeats, names):
             rows.append(row)
             log(**row)
     return rows
-
-
-def _memory_loss(adjoint, static, *, t1, save_ts, fixed, max_steps):
-    controller = (
-        dfx.ConstantStepSize()
-        if fixed
-        else dfx.PIDController(rtol=RTOL, atol=1e-2 * RTOL)
-    )
-    saveat = dfx.SaveAt(t1=True) if save_ts is None else dfx.SaveAt(ts=save_ts)
-
-    def loss(params, y0, target):
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(eqx.combine(params, static)),
-            dfx.Tsit5(),
-            0.0,
-            t1,
-            0.01 if fixed else None,
-            y0,
-            saveat=saveat,
-            stepsize_controller=controller,
-            adjoint=adjoint,
-            max_steps=max_steps,
-        )
-        assert sol.ys is not None
-        return jnp.mean((sol.ys - target) ** 2)
-
-    return loss
 
 
 def memory(mode):
@@ -242,13 +222,8 @@ def memory(mode):
             times = jnp.ones(1) if saves is None else saves
             target = jnp.sin(times).reshape((-1,) + (1,) * y0.ndim) * jnp.ones_like(y0)
             for name, adjoint in adjoints.items():
-                loss = _memory_loss(
-                    adjoint,
-                    static,
-                    t1=t1,
-                    save_ts=saves,
-                    fixed=fixed,
-                    max_steps=max_steps,
+                loss = loss_fn(
+                    adjoint, static, t1, saves, fixed=fixed, max_steps=max_steps
                 )
                 compiled, _ = compile_timed(jax.jit(jax.grad(loss)), params, y0, target)
                 row = dict(
