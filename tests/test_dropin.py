@@ -23,10 +23,11 @@ import pytest
 
 import diffrax_extras as dxe
 
-from .helpers import EXACT, max_relative_error
+from .helpers import backprop, EXACT, max_relative_error
 
 
 F64 = jnp.float64
+MAX_STEPS = 4096
 SOLVERS: dict[str, Callable[[], dfx.AbstractSolver]] = {
     "ReversibleHeun": dxe.ReversibleHeun,
     "Reversible(Tsit5)": lambda: dxe.Reversible(dfx.Tsit5()),
@@ -79,7 +80,7 @@ def neural_ode(solver, adjoint):
                 saveat=dfx.SaveAt(ts=ts),
                 stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
                 adjoint=adjoint,
-                max_steps=4096,
+                max_steps=MAX_STEPS,
             )
             assert sol.ys is not None
             return sol.ys
@@ -118,7 +119,7 @@ def latent_ode(solver, adjoint):
                 saveat=dfx.SaveAt(ts=ts_i),
                 stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-7),
                 adjoint=adjoint,
-                max_steps=4096,
+                max_steps=MAX_STEPS,
             )
             assert sol.ys is not None
             return jax.vmap(model.hidden_to_data)(sol.ys)
@@ -189,7 +190,7 @@ def _neural_cde(solver, adjoint, interpolation):
                 model.initial(control.evaluate(ts[0])),
                 stepsize_controller=controller,
                 adjoint=adjoint,
-                max_steps=4096,
+                max_steps=MAX_STEPS,
             )
             assert sol.ys is not None
             return jnn.sigmoid(model.linear(sol.ys[-1]))[0]
@@ -235,7 +236,7 @@ def sde_spark(solver, adjoint):
                     rtol=0, atol=2e-3, dtmin=2**-10, dtmax=0.25
                 ),
                 adjoint=adjoint,
-                max_steps=2048,
+                max_steps=MAX_STEPS,
             )
             assert sol.ys is not None
             return sol.ys[-1]
@@ -271,7 +272,7 @@ def cnf_backwards(solver, adjoint):
                 (y1, jnp.zeros((), F64)),
                 stepsize_controller=dfx.PIDController(rtol=1e-5, atol=1e-7),
                 adjoint=adjoint,
-                max_steps=4096,
+                max_steps=MAX_STEPS,
             )
             assert sol.ys is not None
             (y0,), (delta,) = sol.ys
@@ -311,7 +312,7 @@ CASES = [
 @pytest.mark.parametrize("problem, solver", CASES)
 def test_gradient_exact_and_training_lowers_the_loss(problem, solver):
     loss_ra, params = PROBLEMS[problem](SOLVERS[solver](), dxe.ReversibleAdjoint())
-    loss_rcp, _ = PROBLEMS[problem](SOLVERS[solver](), dfx.RecursiveCheckpointAdjoint())
+    loss_rcp, _ = PROBLEMS[problem](SOLVERS[solver](), backprop(MAX_STEPS))
     value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss_ra))
     value, grads = value_and_grad(params)
     reference = eqx.filter_jit(eqx.filter_grad(loss_rcp))(params)

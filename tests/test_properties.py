@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import diffrax_extras as dxe
 
-from .helpers import forward_then_back, make_problem, max_relative_error
+from .helpers import backprop, forward_then_back, make_problem, max_relative_error
 
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -127,7 +127,7 @@ def _gradients(base):
     solver = dxe.Reversible(BASES[base])
     return (
         grad(solver, dxe.ReversibleAdjoint()),
-        grad(solver, dfx.RecursiveCheckpointAdjoint()),
+        grad(solver, backprop(256)),
         static,
     )
 

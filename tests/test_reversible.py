@@ -10,6 +10,7 @@ import scipy.stats
 import diffrax_extras as dxe
 
 from .helpers import (
+    backprop,
     CONTROLLERS,
     EXACT,
     grad_of,
@@ -85,18 +86,14 @@ GRADIENT_CASES = _configurations(
 )
 def test_gradient_matches_recursive_checkpoint(solver, kind, controller, saveat):
     solver = dxe.Reversible(solver)
-    grad_ref, params = grad_of(
-        kind, solver, dfx.RecursiveCheckpointAdjoint(), controller, saveat
-    )
+    grad_ref, params = grad_of(kind, solver, backprop(), controller, saveat)
     grad_rev, _ = grad_of(kind, solver, dxe.ReversibleAdjoint(), controller, saveat)
     assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
 
 
 def test_gradient_with_small_coupling():
     solver = dxe.Reversible(dfx.Tsit5(), coupling=0.5)
-    grad_ref, params = grad_of(
-        "ode", solver, dfx.RecursiveCheckpointAdjoint(), "pid", "t0_t1_ts"
-    )
+    grad_ref, params = grad_of("ode", solver, backprop(), "pid", "t0_t1_ts")
     grad_rev, _ = grad_of("ode", solver, dxe.ReversibleAdjoint(), "pid", "t0_t1_ts")
     # The reconstruction amplifies rounding by 1/coupling a step: 2^20 over 20 steps.
     assert max_relative_error(grad_ref(params), grad_rev(params)) < 1e-8
@@ -182,9 +179,7 @@ def test_implicit_base_solver_is_exactly_reversible():
     # With an adaptive controller `diffeqsolve` sets the root find's tolerances
     # (Kvaerno3: the same mechanism, a smaller tableau to compile).
     solver = dxe.Reversible(dfx.Kvaerno3())
-    grad_ref, params = grad_of(
-        "ode", solver, dfx.RecursiveCheckpointAdjoint(), "pid", "t1"
-    )
+    grad_ref, params = grad_of("ode", solver, backprop(), "pid", "t1")
     grad_rev, _ = grad_of("ode", solver, dxe.ReversibleAdjoint(), "pid", "t1")
     assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
 

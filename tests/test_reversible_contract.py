@@ -17,6 +17,7 @@ import pytest
 import diffrax_extras as dxe
 
 from .helpers import (
+    backprop,
     EXACT,
     fused_vjp_error,
     grad_of,
@@ -130,9 +131,7 @@ GRADIENT_CASES = [
 @pytest.mark.parametrize("name, kind, controller, saveat", GRADIENT_CASES)
 def test_gradient_matches_recursive_checkpoint(name, kind, controller, saveat):
     solver = _solver(name, kind)
-    grad_ref, params = grad_of(
-        kind, solver, dfx.RecursiveCheckpointAdjoint(), controller, saveat
-    )
+    grad_ref, params = grad_of(kind, solver, backprop(), controller, saveat)
     grad_rev, _ = grad_of(kind, solver, dxe.ReversibleAdjoint(), controller, saveat)
     assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
 
