@@ -49,10 +49,39 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    # Start the selected tests' scripts now; see tests/processes.py.
+    # Hand some modules to a process of their own, then start the selected tests'
+    # scripts; see tests/processes.py. (Here, not in `pytest_collection_modifyitems`,
+    # so that the items are those left after `-k` and `-m`.)
     from . import processes
 
+    handed = processes.offload(session.items)
+    for item in handed:
+        item.runtest = _offloaded_runtest(item.nodeid)
+    names = {item.nodeid for item in handed}
+    session.items.sort(key=lambda item: item.nodeid in names)
     processes.start([n for item in session.items for n in processes.scripts_of(item)])
+
+
+def _offloaded_runtest(nodeid):
+    def runtest():
+        from .processes import offloaded_outcome
+
+        outcome, text = offloaded_outcome(nodeid)
+        if outcome == "failed":
+            pytest.fail(f"(in the offloaded process)\n{text}", pytrace=False)
+        if outcome == "skipped":
+            pytest.skip(text)
+
+    return runtest
+
+
+def pytest_terminal_summary(terminalreporter):
+    module = sys.modules.get(f"{__package__}.processes")
+    lines = [] if module is None else module.summary()
+    if lines:
+        terminalreporter.section("background scripts")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):

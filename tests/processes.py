@@ -9,6 +9,14 @@ idle, while running them all at once would starve the test process. Their tests 
 moved to the end of the session (`pytest_collection_modifyitems`), by which time
 the queue is done; each waits for its process's result. A test names its script
 with `@pytest.mark.script(name)`, a key of `RUNS`.
+
+The same queue is the suite's second worker: a session that runs the modules of
+`OFFLOADED` together with others hands them, first in the queue, to a pytest process
+of their own, and their tests in this session (moved to the end) report that
+process's outcome for each. Measured on 2 cores: the scripts take about 590 s, the
+other tests about 870 s one after another, so moving a module of about 140 s evens
+the two cores out. `DIFFRAX_EXTRAS_NO_OFFLOAD=1` runs every test in this process
+(as the offloaded process itself does), e.g. to debug one with `--pdb`.
 """
 
 import concurrent.futures
@@ -19,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import xml.etree.ElementTree as ElementTree
 
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -58,6 +68,9 @@ RUNS = {
         "{out}",
     ),
 }
+# Test modules run by a process of their own when the session runs others too.
+OFFLOADED = ("tests/test_gauss_legendre_adjoint.py",)
+_NO_OFFLOAD = "DIFFRAX_EXTRAS_NO_OFFLOAD"
 _scratch = tempfile.TemporaryDirectory(prefix="diffrax_extras_processes_")
 # One worker: the scripts run one after another, in the order they were queued.
 _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -65,6 +78,8 @@ _futures: dict[str, concurrent.futures.Future[int]] = {}
 _current: subprocess.Popen | None = None
 _stopping = False
 _lock = threading.Lock()  # between starting a process and `stop` killing it
+# Script name -> (start, end) on `time.monotonic`, for the session's summary.
+_times: dict[str, tuple[float, float]] = {}
 
 # Through `nice`, not a `preexec_fn`: running Python in the child between fork and
 # exec can deadlock a multithreaded parent such as JAX.
@@ -76,7 +91,7 @@ def _folder(name: str) -> pathlib.Path:
     return pathlib.Path(_scratch.name) / name
 
 
-def _run(name: str) -> int:
+def _run(name: str, arguments) -> int:
     global _current
     folder = _folder(name)
     folder.mkdir()
@@ -85,8 +100,9 @@ def _run(name: str) -> int:
         DIFFRAX_EXTRAS_TINY="1",
         DIFFRAX_EXTRAS_OUTPUT=str(folder),
         MPLBACKEND="Agg",
+        **{_NO_OFFLOAD: "1"},
     )
-    command = [arg.format(out=folder) for arg in RUNS[name]]
+    command = [arg.format(out=folder) for arg in arguments]
     # Output to files, not pipes, so that a chatty process never blocks.
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
         with _lock:
@@ -99,7 +115,10 @@ def _run(name: str) -> int:
                 stdout=out,
                 stderr=err,
             )
-        return process.wait()
+        started = time.monotonic()
+        returncode = process.wait()
+        _times[name] = (started, time.monotonic())
+        return returncode
 
 
 def scripts_of(item) -> list[str]:
@@ -115,7 +134,50 @@ def start(names) -> None:
     """Queues the scripts `names` (those not queued yet), in order."""
     for name in names:
         if name not in _futures:
-            _futures[name] = _executor.submit(_run, name)
+            _futures[name] = _executor.submit(_run, name, RUNS[name])
+
+
+def offload(items) -> list:
+    """Queues the tests among `items` of the `OFFLOADED` modules in a pytest process
+    of their own, if `items` holds other tests too, and returns them (else `[]`)."""
+    if os.environ.get(_NO_OFFLOAD) == "1":
+        return []
+    handed = [item for item in items if item.nodeid.split("::")[0] in OFFLOADED]
+    if not handed or len(handed) == len(items):
+        return []
+    _futures["offloaded"] = _executor.submit(
+        _run,
+        "offloaded",
+        # No `addopts`: the durations and summary are this session's to report.
+        ("-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=")
+        + ("--junitxml", "{out}/junit.xml", *(item.nodeid for item in handed)),
+    )
+    return handed
+
+
+def offloaded_outcome(nodeid: str) -> tuple[str, str]:
+    """`(outcome, text)` of an offloaded test: "passed", "skipped" (with the reason)
+    or "failed" (with the report), once its process has ended."""
+    returncode = _futures["offloaded"].result(timeout=1800)
+    folder = _folder("offloaded")
+    path, _, name = nodeid.partition("::")
+    classname = path.removesuffix(".py").replace("/", ".")
+    try:
+        cases = ElementTree.parse(folder / "junit.xml").iter("testcase")
+    except (OSError, ElementTree.ParseError):
+        cases = iter(())
+    for case in cases:
+        if case.get("classname") == classname and case.get("name") == name:
+            for kind in ("failure", "error"):
+                report = case.find(kind)
+                if report is not None:
+                    return "failed", report.text or report.get("message", "")
+            skipped = case.find("skipped")
+            if skipped is not None:
+                return "skipped", skipped.get("message", "")
+            return "passed", ""
+    stderr = (folder / "stderr").read_text()[-5000:]
+    return "failed", f"no result (exit status {returncode}):\n{stderr}"
 
 
 def stop() -> None:
@@ -126,6 +188,18 @@ def stop() -> None:
             _current.kill()
     _executor.shutdown(wait=True, cancel_futures=True)
     _scratch.cleanup()
+
+
+def summary() -> list[str]:
+    """One line per finished script: its wall time and when it ended, counted from
+    the first script's start, so that the background's share of the session shows."""
+    if not _times:
+        return []
+    origin = min(start for start, _ in _times.values())
+    return [
+        f"{name}: {end - start:.0f} s (done at {end - origin:.0f} s)"
+        for name, (start, end) in sorted(_times.items(), key=lambda kv: kv[1])
+    ]
 
 
 def result(name: str) -> tuple[str, pathlib.Path]:
