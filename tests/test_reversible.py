@@ -73,9 +73,11 @@ _GRADIENT_ODE_SOLVERS = [
 ]
 GRADIENT_CASES = _configurations(
     [(s, "ode") for s in _GRADIENT_ODE_SOLVERS]
-    # General noise is in the contract tests (Reversible(Tsit5) on an SDE); here the
-    # solvers that read Lévy areas or need additive noise.
-    + [SDE_SOLVERS[3], SDE_SOLVERS[4]]
+    # General noise is in the contract tests (Reversible(Tsit5) on an SDE), and
+    # space-time Lévy areas in the drop-in tests (Reversible(SPaRK), against
+    # backpropagation, in tests/test_dropin.py); here the solver that needs
+    # additive noise.
+    + [SDE_SOLVERS[4]]
 )
 
 
