@@ -21,7 +21,7 @@ import pytest
 
 import diffrax_extras as dxe
 
-from .helpers import backprop
+from .helpers import backprop, max_relative_error
 
 
 RIGHT, WRONG = 1e-3, 1e-2
@@ -36,9 +36,10 @@ def _lotka_volterra(t, y, p):
     return s * jnp.stack([x[0] * u - x[1] * u * v, x[3] * u * v - x[2] * v])
 
 
+ALF_07 = "AsynchronousLeapfrog(damping=0.7)"
 SOLVERS = {
     "AsynchronousLeapfrog": dxe.AsynchronousLeapfrog(),
-    "AsynchronousLeapfrog(damping=0.7)": dxe.AsynchronousLeapfrog(damping=0.7),
+    ALF_07: dxe.AsynchronousLeapfrog(damping=0.7),
     "Reversible(Tsit5)": dxe.Reversible(dfx.Tsit5()),
     "Reversible(Dopri5)": dxe.Reversible(dfx.Dopri5()),
 }
@@ -93,45 +94,11 @@ CASES = [
     (65, "Reversible(Tsit5)", "float32", 14.0, (3.0, 2.0), 1.0, 1400, "wrong"),
     (66, "Reversible(Tsit5)", "float32", 140.0, (1.0, 1.0), 1.0, 1400, "right"),
     # A state of size 1e-7: the earlier check passed #72 (9% off).
-    (
-        70,
-        "AsynchronousLeapfrog(damping=0.7)",
-        "float64",
-        10.0,
-        (1, 1),
-        1e-7,
-        30,
-        "right",
-    ),
-    (
-        72,
-        "AsynchronousLeapfrog(damping=0.7)",
-        "float64",
-        10.0,
-        (1, 1),
-        1e-7,
-        42,
-        "wrong",
-    ),
+    (70, ALF_07, "float64", 10.0, (1, 1), 1e-7, 30, "right"),
+    (72, ALF_07, "float64", 10.0, (1, 1), 1e-7, 42, "wrong"),
     # Its twin of size 1.
-    (
-        76,
-        "AsynchronousLeapfrog(damping=0.7)",
-        "float64",
-        10.0,
-        (1, 1),
-        1.0,
-        42,
-        "wrong",
-    ),
+    (76, ALF_07, "float64", 10.0, (1, 1), 1.0, 42, "wrong"),
 ]
-
-
-def _relative_error(reference, other) -> float:
-    return max(
-        float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
-        for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(other), strict=True)
-    )
 
 
 @pytest.mark.parametrize(
@@ -148,14 +115,14 @@ def test_refuses_the_wrong_gradients_and_passes_the_right(
     exact = _gradient(solver, dtype, "backprop")(*inputs)
     unchecked = _gradient(solver, dtype, "unchecked")(*inputs)
     checked = _gradient(solver, dtype, "checked")(*inputs)
-    error = _relative_error(exact, unchecked)
+    error = max_relative_error(exact, unchecked)
     refused = all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree.leaves(checked))
     if kind == "right":
         # The premise: with the check off the gradient is right here...
         assert error <= RIGHT, error
         # ...and with it on, passed.
         assert not refused
-        assert _relative_error(exact, checked) <= RIGHT
+        assert max_relative_error(exact, checked) <= RIGHT
     else:
         assert not (error <= WRONG), error
         assert refused
