@@ -408,13 +408,39 @@ def gradient(problem_fns, solver, adjoint, max_steps):
     return grad
 
 
+def check_metric(solver, terms, ts, steps, y0, args, y_final, state_final):
+    """The check's metric as `ReversibleAdjoint`'s backward pass computes it: the
+    solver's backward steps from the final state of a forward solve (accepted steps
+    at `ts[0], ..., ts[steps]`) back to the start, then the errors of the rebuilt `y0`
+    and of the rebuilt `solver.reconstructed_state`. Returns those two errors and the
+    rebuilt `y0`."""
+    kept = solver.reconstructed_state
+    state0 = solver.init(terms, ts[0], ts[1], y0, args)
+
+    def backward(k, carry):
+        i = steps - 1 - k
+        y, state = carry
+        y, _, state, _, _ = solver.backward_step_vjp(
+            terms, ts[i], ts[i + 1], y, args, state, False, False, None, None
+        )
+        return y, state
+
+    y_rebuilt, state_rebuilt = lax.fori_loop(0, steps, backward, (y_final, state_final))
+    y_error = reconstruction_error(
+        y0, y_rebuilt, reconstruction_scale(y0, y_final, FLOOR_POWER)
+    )
+    state_scale = reconstruction_scale(
+        kept(state0), kept(state_final), STATE_FLOOR_POWER
+    )
+    state_error = reconstruction_error(kept(state0), kept(state_rebuilt), state_scale)
+    return y_error, state_error, y_rebuilt
+
+
 @ft.cache
 def reconstruction(problem_fns, solver, max_steps):
     """The forward solve and the backward steps of `ReversibleAdjoint`, with the
     check's metric as its backward pass computes it."""
     vf, _ = problem_fns
-    terms = dfx.ODETerm(vf)
-    kept = solver.reconstructed_state
 
     @jax.jit
     def run(x, t1, num_steps):
@@ -425,28 +451,9 @@ def reconstruction(problem_fns, solver, max_steps):
         assert sol.ts is not None and sol.ys is not None
         steps = sol.stats["num_steps"]
         ts = jnp.concatenate([jnp.zeros_like(t1)[None], sol.ts])
-        y_final, state_final = sol.ys[steps - 1], sol.solver_state
-        state0 = solver.init(terms, ts[0], ts[1], y0, params)
-
-        def backward(k, carry):
-            i = steps - 1 - k
-            y, state = carry
-            y, _, state, _, _ = solver.backward_step_vjp(
-                terms, ts[i], ts[i + 1], y, params, state, False, False, None, None
-            )
-            return y, state
-
-        y_rebuilt, state_rebuilt = lax.fori_loop(
-            0, steps, backward, (y_final, state_final)
-        )
-        y_error = reconstruction_error(
-            y0, y_rebuilt, reconstruction_scale(y0, y_final, FLOOR_POWER)
-        )
-        state_scale = reconstruction_scale(
-            kept(state0), kept(state_final), STATE_FLOOR_POWER
-        )
-        state_error = reconstruction_error(
-            kept(state0), kept(state_rebuilt), state_scale
+        y_final = sol.ys[steps - 1]
+        y_error, state_error, y_rebuilt = check_metric(
+            solver, dfx.ODETerm(vf), ts, steps, y0, params, y_final, sol.solver_state
         )
         return steps, y_error, state_error, y_rebuilt, y_final
 

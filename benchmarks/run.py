@@ -57,6 +57,7 @@ SECTIONS = [
     "sde_gan_step",
     "gradient_error",
     "reconstruction_check",
+    "sde_gan_gradients",
     "peers",
 ]
 # Sections that need the optional `[peers]` dependencies (torch).

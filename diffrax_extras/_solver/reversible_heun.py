@@ -164,10 +164,13 @@ class ReversibleHeun(
 
     def unstable_reconstruction_advice(self) -> str:
         return (
-            "Reversible Heun is unstable on dissipative problems (see the warning in "
-            "its docstring): use smaller steps, float64, or "
-            "`diffrax_extras.Reversible(diffrax.Heun())` (a coupling below 1 damps "
-            "forwards); or `adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+            "Reversible Heun does not damp dissipative dynamics (see the warning in "
+            "its docstring): run backwards, a decay at rate r amplifies rounding "
+            "by about exp(r T) over a solve of length T, whatever the step, so "
+            "smaller steps help only where a step is long against 1 / r. Use "
+            "float64, or `diffrax_extras.Reversible(diffrax.Heun())` (a coupling "
+            "below 1 damps forwards); or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
 
 
