@@ -7,8 +7,9 @@ They are queued as soon as collection ends (by `pytest_collection_finish` in
 thread: XLA compiles on one thread, so the suite's other core would otherwise sit
 idle, while running them all at once would starve the test process. Their tests are
 moved to the end of the session (`pytest_collection_modifyitems`), by which time
-the queue is done; each waits for its process's result. A test names its script
-with `@pytest.mark.script(name)`, a key of `RUNS`.
+the queue is done; each waits for its process's result, or, if the queue has not
+reached its script yet, runs it in this session, which is otherwise idle by then.
+A test names its script with `@pytest.mark.script(name)`, a key of `RUNS`.
 
 The same queue is the suite's second worker: a session that runs the modules of
 `OFFLOADED` together with others hands them, first in the queue, to a pytest process
@@ -211,6 +212,12 @@ def result(name: str) -> tuple[str, pathlib.Path]:
     """The process's standard output and the folder it wrote into."""
     start([name])
     folder = _folder(name)
-    returncode = _futures[name].result(timeout=1800)
+    future = _futures[name]
+    if future.cancel():
+        # Not started yet: this session has reached its script tests and is idle,
+        # so it runs the script itself while the background worker runs the next.
+        returncode = _run(name, RUNS[name])
+    else:
+        returncode = future.result(timeout=1800)
     assert returncode == 0, (folder / "stderr").read_text()
     return (folder / "stdout").read_text(), folder
