@@ -162,6 +162,36 @@ def test_memory_does_not_grow_with_steps():
     assert large - step_times <= 1.1 * small, (small, large)
 
 
+def test_checks_keep_no_copy_of_the_parameter_cotangent():
+    # A gradient with respect to `y0` alone must not hold the parameters' cotangent:
+    # XLA drops it as unused, unless something keeps it alive. The run-time checks
+    # once did (`equinox.error_if` on the cotangents passes them through a host
+    # callback): 2.0x the parameters' bytes of temporaries here, now 0.08x.
+    mlp = eqx.nn.MLP(8, 8, 256, 2, activation=jnp.tanh, key=jr.PRNGKey(0))
+    params, static = eqx.partition(mlp, eqx.is_array)
+    params_bytes = sum(x.nbytes for x in jtu.tree_leaves(params))
+
+    def loss(params, y0):
+        term = dfx.ODETerm(lambda t, y, m: jax.vmap(m)(y))
+        sol = dfx.diffeqsolve(
+            term,
+            SOLVER,
+            0.0,
+            1.0,
+            0.1,
+            y0,
+            args=eqx.combine(params, static),
+            adjoint=dxe.ReversibleAdjoint(),
+        )
+        assert sol.ys is not None
+        return jnp.sum(sol.ys**2)
+
+    grad = jax.jit(jax.grad(loss, argnums=1))
+    analysis = grad.lower(params, jnp.ones((4, 8))).compile().memory_analysis()
+    assert analysis is not None
+    assert analysis.temp_size_in_bytes < 0.25 * params_bytes
+
+
 def test_pytree_structure_of_gradients():
     grad, params = grad_of("ode", SOLVER, dxe.ReversibleAdjoint())
     grads = grad(params)

@@ -18,6 +18,7 @@ from diffrax import (
 from jaxtyping import PyTree
 
 from .._diffrax_internals import result_index, result_messages
+from .common import nan_where, raise_where
 from .gl_backsolve import BackwardSolve, Outcome, Quadrature
 from .gl_quadrature import GaussRule
 
@@ -188,7 +189,8 @@ def check_outcome(outcome: Outcome, setup: Setup, forward_result, cotangents):
     quadrature = setup.quadrature
     accurate = outcome.accurate
     solved = outcome.result == RESULTS.successful
-    ok = solved & accurate
+    inaccurate = solved & jnp.logical_not(accurate)
+    bad = jnp.logical_not(solved & accurate)
     if setup.throw:
         backward_failed = jnp.logical_not(solved) & (
             forward_result == RESULTS.successful
@@ -206,12 +208,11 @@ def check_outcome(outcome: Outcome, setup: Setup, forward_result, cotangents):
             f"`{NAME}(max_steps=...)`, or take larger backward steps with "
             f"`{NAME}(stepsize_controller=...)`."
         )
-        cotangents = eqx.branched_error_if(
-            cotangents, backward_failed, result_index(outcome.result), messages
+        backward_failed = raise_where(
+            backward_failed, messages, result_index(outcome.result)
         )
-        cotangents = eqx.error_if(
-            cotangents,
-            solved & jnp.logical_not(accurate),
+        inaccurate = raise_where(
+            inaccurate,
             f"The quadrature of `{NAME}` did not reach its tolerance "
             f"(quadrature_rtol={_format(quadrature.rtol)}, "
             f"quadrature_atol={_format(quadrature.atol)}) after halving the backward "
@@ -221,10 +222,5 @@ def check_outcome(outcome: Outcome, setup: Setup, forward_result, cotangents):
             f"(`{NAME}(max_refinements=...)`), or loosen `quadrature_rtol` and "
             "`quadrature_atol`.",
         )
-
-    def fill(x):
-        if eqx.is_inexact_array(x):
-            return jnp.where(ok, x, jnp.nan)
-        return x
-
-    return jtu.tree_map(fill, cotangents)
+        bad = bad | backward_failed | inaccurate
+    return nan_where(bad, cotangents)
