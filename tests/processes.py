@@ -1,26 +1,29 @@
 """Scripts that the tests run as their own processes: the examples and the benchmark
-runner, each in its tiny configuration, writing into a temporary folder (so that the
-committed plots and results stay those of the full runs).
+sections, each in its tiny configuration, writing into a temporary folder (so that
+the committed plots and results stay those of the full runs).
 
 They are queued as soon as collection ends (by `pytest_collection_finish` in
-`conftest.py`) and run one after another, at a lower priority, on a background
-thread: XLA compiles on one thread, so the suite's other core would otherwise sit
-idle, while running them all at once would starve the test process. Their tests are
-moved to the end of the session (`pytest_collection_modifyitems`), by which time
-the queue is done; each waits for its process's result, or, if the queue has not
-reached its script yet, runs it in this session, which is otherwise idle by then.
-A test names its script with `@pytest.mark.script(name)`, a key of `RUNS`.
+`conftest.py`), each after the scripts it needs (`AFTER`), and run one after
+another, at a lower priority, on a background thread: XLA compiles on one thread, so
+the suite's other core would otherwise sit idle, while running them all at once
+would starve the test process. Their tests are moved to the end of the session
+(`pytest_collection_modifyitems`); each waits for its process's result, or, if the
+queue has not reached its script yet, runs it in this session, which is otherwise
+idle by then, so that at the end both cores run scripts. The benchmark runner's
+tiny run is therefore split into its sections (run as scripts, longest first) and
+the runner's report of their results: one 200-second script at the end would leave
+one core idle meanwhile. A test names its script with `@pytest.mark.script(name)`,
+a key of `RUNS`.
 
 The same queue is the suite's second worker: a session that runs the modules of
 `OFFLOADED` together with others hands them, first in the queue, to a pytest process
 of their own, and their tests in this session (moved to the end) report that
-process's outcome for each. Measured on 2 cores: the scripts take about 590 s, the
-other tests about 870 s one after another, so moving a module of about 140 s evens
-the two cores out. `DIFFRAX_EXTRAS_NO_OFFLOAD=1` runs every test in this process
-(as the offloaded process itself does), e.g. to debug one with `--pdb`.
+process's outcome for each. `DIFFRAX_EXTRAS_NO_OFFLOAD=1` runs every test in this
+process (as the offloaded process itself does), e.g. to debug one with `--pdb`.
 """
 
 import concurrent.futures
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -33,9 +36,23 @@ import xml.etree.ElementTree as ElementTree
 
 
 ROOT = pathlib.Path(__file__).parent.parent
+# The benchmark sections of the runner's tiny run (`python -m benchmarks --mode
+# tiny`), each run as a script of its own so that both cores can share them, longest
+# first (seconds alone on 2 cores: 56, 38, 26, 22, 19, 16, 8, 7); `peers` only where
+# torch is importable, as the runner does. The runner then assembles their results.
+BENCHMARK_SECTIONS = [
+    "gauss_legendre_adjoint",
+    "sde_step",
+    "sde_gan_gradients",
+    "sde_gan_step",
+    "gradient_error",
+    "reversible_adjoint",
+    "brownian",
+    "reconstruction_check",
+] + (["peers"] if importlib.util.find_spec("torch") is not None else [])
 # Script name -> the command's arguments after `python`; `{out}` is the process's
-# folder. A test asks for one with `@pytest.mark.script(name)` and reads it with
-# `result(name)`.
+# folder, `{benchmarks}` that of the runner's tiny run. A test asks for one with
+# `@pytest.mark.script(name)` and reads it with `result(name)`.
 RUNS = {
     "quickstart": ("examples/quickstart.py",),
     "reversible_stability": ("examples/reversible_stability.py",),
@@ -43,18 +60,31 @@ RUNS = {
     "neural_cde": ("examples/neural_cde.py",),
     "sde_gan": ("examples/sde_gan.py", "--both"),
     "sharding": ("-m", "tests.sharding_script"),
+    **{
+        f"benchmark_{name}": (
+            f"benchmarks/{name}.py",
+            "--mode",
+            "tiny",
+            "--repeats",
+            "1",
+            "--out",
+            "{benchmarks}/results",
+        )
+        for name in BENCHMARK_SECTIONS
+    },
+    # The report of the sections' saved results (`--sections ""` runs none).
     "benchmarks_tiny": (
         "-m",
         "benchmarks",
         "--mode",
         "tiny",
-        "--repeats",
-        "1",
+        "--sections",
+        "",
         "--out",
         "{out}",
     ),
-    # The tiny form of the GPU run, on two of its sections (the runner's tiny run
-    # above covers the others' tiny sizes).
+    # The tiny form of the GPU run, on one of its sections, run by the runner with
+    # that section's device arguments (the sections' tiny sizes are run above).
     "benchmarks_device_tiny": (
         "-m",
         "benchmarks",
@@ -64,11 +94,13 @@ RUNS = {
         "--repeats",
         "1",
         "--sections",
-        "brownian,reversible_adjoint",
+        "reversible_adjoint",
         "--out",
         "{out}",
     ),
 }
+# Scripts that need others' results first.
+AFTER = {"benchmarks_tiny": [f"benchmark_{name}" for name in BENCHMARK_SECTIONS]}
 # Test modules run by a process of their own when the session runs others too.
 OFFLOADED = ("tests/test_gauss_legendre_adjoint.py",)
 _NO_OFFLOAD = "DIFFRAX_EXTRAS_NO_OFFLOAD"
@@ -76,9 +108,11 @@ _scratch = tempfile.TemporaryDirectory(prefix="diffrax_extras_processes_")
 # One worker: the scripts run one after another, in the order they were queued.
 _executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 _futures: dict[str, concurrent.futures.Future[int]] = {}
-_current: subprocess.Popen | None = None
+_running: set[subprocess.Popen] = set()
 _stopping = False
-_lock = threading.Lock()  # between starting a process and `stop` killing it
+# Between starting a process and `stop` killing it, and between the threads that
+# may run a queued script (the background worker and this session).
+_lock = threading.RLock()
 # Script name -> (start, end) on `time.monotonic`, for the session's summary.
 _times: dict[str, tuple[float, float]] = {}
 
@@ -93,9 +127,20 @@ def _folder(name: str) -> pathlib.Path:
 
 
 def _run(name: str, arguments) -> int:
-    global _current
+    dependencies = AFTER.get(name, ())
+    # Those not started yet first, then those the background worker is running:
+    # waiting in order would leave this thread idle while the worker, always one
+    # ahead, ran them all one after another.
+    for dependency in dependencies:
+        _outcome(dependency, wait=False)
+    for dependency in dependencies:
+        returncode = _outcome(dependency)
+        if returncode != 0:
+            return -1 if returncode is None else returncode
     folder = _folder(name)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
+    benchmarks = _folder("benchmarks_tiny")
+    (benchmarks / "results").mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ,
         DIFFRAX_EXTRAS_TINY="1",
@@ -103,28 +148,55 @@ def _run(name: str, arguments) -> int:
         MPLBACKEND="Agg",
         **{_NO_OFFLOAD: "1"},
     )
-    if arguments[0].startswith("examples/"):
-        # The examples' tiny runs check that they run end to end; their numbers
-        # mean nothing, so XLA's optimisations are switched off to compile faster
-        # (as the benchmark runner does in tiny mode): 15-20% of their time.
+    if arguments[0].startswith(("examples/", "benchmarks/")):
+        # Tiny runs check that the scripts run end to end; their numbers mean
+        # nothing, so XLA's optimisations are switched off to compile faster (as the
+        # benchmark runner does in tiny mode): 15-20% of the examples' time.
         env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    command = [arg.format(out=folder) for arg in arguments]
+    command = [arg.format(out=folder, benchmarks=benchmarks) for arg in arguments]
     # Output to files, not pipes, so that a chatty process never blocks.
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
         with _lock:
             if _stopping:
                 return -1
-            process = _current = subprocess.Popen(
+            process = subprocess.Popen(
                 [*_NICE, sys.executable, *command],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
                 stderr=err,
             )
+            _running.add(process)
         started = time.monotonic()
         returncode = process.wait()
+        with _lock:
+            _running.discard(process)
         _times[name] = (started, time.monotonic())
         return returncode
+
+
+def _outcome(name: str, wait: bool = True) -> int | None:
+    """The exit status of script `name`, once it has run: in the background, or, if
+    the queue has not reached it yet, in this thread. With `wait=False`, `None` for
+    a script that has started elsewhere, without waiting for it."""
+    start([name])
+    with _lock:
+        future = _futures[name]
+        stolen = future.cancel()
+        if stolen:
+            # Marked running, so that another thread waits for this one's result
+            # instead of running the script a second time.
+            future = _futures[name] = concurrent.futures.Future()
+            future.set_running_or_notify_cancel()
+    if not stolen:
+        return future.result(timeout=1800) if wait else None
+    try:
+        returncode = _run(name, RUNS[name])
+    except BaseException as error:
+        future.set_exception(error)
+        raise
+    future.set_result(returncode)
+    return returncode
 
 
 def scripts_of(item) -> list[str]:
@@ -137,10 +209,13 @@ def scripts_of(item) -> list[str]:
 
 
 def start(names) -> None:
-    """Queues the scripts `names` (those not queued yet), in order."""
-    for name in names:
-        if name not in _futures:
-            _futures[name] = _executor.submit(_run, name, RUNS[name])
+    """Queues the scripts `names` (those not queued yet), in order, each after the
+    scripts it needs."""
+    with _lock:
+        for name in names:
+            start(AFTER.get(name, ()))
+            if name not in _futures:
+                _futures[name] = _executor.submit(_run, name, RUNS[name])
 
 
 def offload(items) -> list:
@@ -190,8 +265,8 @@ def stop() -> None:
     global _stopping
     with _lock:
         _stopping = True
-        if _current is not None:
-            _current.kill()
+        for process in _running:
+            process.kill()
     _executor.shutdown(wait=True, cancel_futures=True)
     _scratch.cleanup()
 
@@ -210,14 +285,8 @@ def summary() -> list[str]:
 
 def result(name: str) -> tuple[str, pathlib.Path]:
     """The process's standard output and the folder it wrote into."""
-    start([name])
+    returncode = _outcome(name)
     folder = _folder(name)
-    future = _futures[name]
-    if future.cancel():
-        # Not started yet: this session has reached its script tests and is idle,
-        # so it runs the script itself while the background worker runs the next.
-        returncode = _run(name, RUNS[name])
-    else:
-        returncode = future.result(timeout=1800)
-    assert returncode == 0, (folder / "stderr").read_text()
+    stderr = [_folder(n) / "stderr" for n in (*AFTER.get(name, ()), name)]
+    assert returncode == 0, "\n".join(p.read_text() for p in stderr if p.exists())
     return (folder / "stdout").read_text(), folder
