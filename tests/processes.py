@@ -38,14 +38,15 @@ import xml.etree.ElementTree as ElementTree
 ROOT = pathlib.Path(__file__).parent.parent
 # The benchmark sections of the runner's tiny run (`python -m benchmarks --mode
 # tiny`), each run as a script of its own so that both cores can share them, longest
-# first (seconds alone on 2 cores: 56, 38, 26, 22, 19, 16, 8, 7); `peers` only where
-# torch is importable, as the runner does. The runner then assembles their results.
+# first (seconds each, run two at a time on 2 cores: 61, 41, 40, 38, 32, 29, 12, 12);
+# `peers` only where torch is importable, as the runner does. The runner then
+# assembles their results.
 BENCHMARK_SECTIONS = [
-    "gauss_legendre_adjoint",
     "sde_step",
-    "sde_gan_gradients",
     "sde_gan_step",
+    "gauss_legendre_adjoint",
     "gradient_error",
+    "sde_gan_gradients",
     "reversible_adjoint",
     "brownian",
     "reconstruction_check",
