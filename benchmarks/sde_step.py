@@ -87,6 +87,14 @@ CONFIGS = {
         "full stack",
     ),
 }
+# Tiny mode checks that the script runs end to end: the baseline and the
+# configurations the headline compares with it (every solver but Heun, both paths,
+# both adjoints), so that the three other compiled steps are left out.
+FULL_STACK = "ReversibleHeun + BrownianInterval + ReversibleAdjoint"
+SOLVER_ALONE = "ReversibleHeun + VirtualBrownianTree + RecursiveCheckpoint"
+PATH_ALONE = "Midpoint + BrownianInterval + RecursiveCheckpoint"
+TINY_CONFIGS = (BASELINE, SOLVER_ALONE, PATH_ALONE, FULL_STACK)
+assert set(TINY_CONFIGS) <= set(CONFIGS)
 SOLVERS = {
     "Midpoint": dfx.Midpoint,
     "Heun": dfx.Heun,
@@ -169,7 +177,7 @@ def make_step(config, static, num_steps):
     return step
 
 
-def run(num_steps, batch, state, noise, width, repeats):
+def run(num_steps, batch, state, noise, width, repeats, configs=tuple(CONFIGS)):
     model_key, y_key, bm_key = jr.split(jr.PRNGKey(0), 3)
     params, static = eqx.partition(
         NeuralSDE(state, noise, width, key=model_key), eqx.is_array
@@ -177,15 +185,16 @@ def run(num_steps, batch, state, noise, width, repeats):
     y0 = jr.normal(y_key, (batch, state))
     keys = jr.split(bm_key, batch)
     compiled, fns = {}, {}
-    for name, config in CONFIGS.items():
-        step = make_step(config, static, num_steps)
+    for name in configs:
+        step = make_step(CONFIGS[name], static, num_steps)
         fn, seconds = compile_timed(step, params, y0, keys)
         compiled[name] = (seconds, temp_bytes(fn))
         fns[name] = lambda fn=fn: fn(params, y0, keys)
     losses = {name: float(fn()[0]) for name, fn in fns.items()}
     seconds = interleaved_medians(fns, repeats)
     rows = []
-    for name, (solver, path, adjoint, role) in CONFIGS.items():
+    for name in configs:
+        solver, path, adjoint, role = CONFIGS[name]
         rows.append(
             dict(
                 configuration=name,
@@ -241,7 +250,8 @@ def main():
     num_steps, batch, state, noise, width = SIZES[args.mode]
     config = dict(steps=num_steps, batch=batch, state=state, noise=noise, width=width)
     info = machine()
-    rows = run(num_steps, batch, state, noise, width, args.repeats)
+    configs = TINY_CONFIGS if args.mode == "tiny" else tuple(CONFIGS)
+    rows = run(num_steps, batch, state, noise, width, args.repeats, configs)
     payload = dict(machine=info, config=config, baseline=BASELINE, rows=rows)
     save("sde_step", args, payload, markdown(rows, info, config, args.repeats))
 
@@ -258,7 +268,7 @@ def headline(data) -> list[dict]:
     def faster(name, than=base):
         return than["ms_per_step"] / rows[name]["ms_per_step"]
 
-    full = "ReversibleHeun + BrownianInterval + ReversibleAdjoint"
+    full = FULL_STACK
     return [
         dict(
             comparison="neural SDE training step, full stack",
@@ -273,9 +283,7 @@ def headline(data) -> list[dict]:
             comparison="neural SDE training step, solver alone",
             ours="ReversibleHeun",
             instead_of="Midpoint (both with VirtualBrownianTree + RecursiveCheckpoint)",
-            measured=faster(
-                "ReversibleHeun + VirtualBrownianTree + RecursiveCheckpoint"
-            ),
+            measured=faster(SOLVER_ALONE),
             unit="x faster",
             paper=1.98,
             source=f"{KIDGER}: up to 1.98x",
@@ -284,7 +292,7 @@ def headline(data) -> list[dict]:
             comparison="neural SDE training step, Brownian path alone",
             ours="BrownianInterval",
             instead_of="VirtualBrownianTree (both with Midpoint + RecursiveCheckpoint)",
-            measured=faster("Midpoint + BrownianInterval + RecursiveCheckpoint"),
+            measured=faster(PATH_ALONE),
             unit="x faster",
             paper=10.6,
             source=f"{KIDGER}: up to 10.6x",

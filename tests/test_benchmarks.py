@@ -13,6 +13,8 @@ from .processes import result, ROOT
 
 
 # What each comparison must show: a row naming ours and the diffrax alternative.
+# The neural SDE step's full table has all of these; its tiny run compiles the
+# baseline and the headline's rows only (`TINY_CONFIGS`).
 SDE_STEP_ROWS = [
     "Midpoint + VirtualBrownianTree + RecursiveCheckpoint",
     "Heun + VirtualBrownianTree + RecursiveCheckpoint",
@@ -22,8 +24,14 @@ SDE_STEP_ROWS = [
     "ReversibleHeun + VirtualBrownianTree + ReversibleAdjoint",
     "ReversibleHeun + BrownianInterval + ReversibleAdjoint",
 ]
+SDE_STEP_TINY_ROWS = [
+    "Midpoint + VirtualBrownianTree + RecursiveCheckpoint",
+    "ReversibleHeun + VirtualBrownianTree + RecursiveCheckpoint",
+    "Midpoint + BrownianInterval + RecursiveCheckpoint",
+    "ReversibleHeun + BrownianInterval + ReversibleAdjoint",
+]
 SECTION_ROWS = {
-    "Neural SDE training step": SDE_STEP_ROWS,
+    "Neural SDE training step": SDE_STEP_TINY_ROWS,
     "Brownian motion": ["BrownianIncrement | diffeqsolve | on"],
     "Reversible adjoint": [
         "ReversibleHeun: ReversibleAdjoint",
@@ -98,19 +106,43 @@ def test_runner_writes_every_row():
     assert (folder / "results" / "charts" / "headline_tiny.png").stat().st_size > 1000
 
 
-def _dict_keys(tree: ast.Module, name: str) -> dict[str, ast.expr]:
-    """The entries of the module-level dict literal assigned to `name`."""
+def _assigned(tree: ast.Module, name: str) -> ast.expr:
+    """The value assigned to the module-level `name`."""
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
-            assert isinstance(node.value, ast.Dict)
-            return {
-                ast.literal_eval(k): v
-                for k, v in zip(node.value.keys, node.value.values, strict=True)
-                if k is not None
-            }
+            return node.value
     raise AssertionError(f"no {name} in the module")
+
+
+def _key(node: ast.expr, tree: ast.Module):
+    """A literal, or a module-level name bound to one."""
+    if isinstance(node, ast.Name):
+        return ast.literal_eval(_assigned(tree, node.id))
+    return ast.literal_eval(node)
+
+
+def _dict_keys(tree: ast.Module, name: str) -> dict[str, ast.expr]:
+    """The entries of the module-level dict literal assigned to `name`."""
+    value = _assigned(tree, name)
+    assert isinstance(value, ast.Dict)
+    return {
+        _key(k, tree): v
+        for k, v in zip(value.keys, value.values, strict=True)
+        if k is not None
+    }
+
+
+def test_sde_step_compares_every_configuration():
+    tree = ast.parse((ROOT / "benchmarks" / "sde_step.py").read_text())
+    assert list(_dict_keys(tree, "CONFIGS")) == SDE_STEP_ROWS
+    tiny = _assigned(tree, "TINY_CONFIGS")
+    assert isinstance(tiny, ast.Tuple)
+    assert [_key(e, tree) for e in tiny.elts] == SDE_STEP_TINY_ROWS
+    # The committed full table, from the current script's configurations.
+    data = json.loads((ROOT / "benchmarks" / "results" / "sde_step.json").read_text())
+    assert [r["configuration"] for r in data["rows"]] == SDE_STEP_ROWS
 
 
 def test_device_mode_has_sizes_in_every_section():

@@ -4,9 +4,10 @@ Each problem follows one of diffrax's documentation examples (neural ODE, latent
 neural CDE over linear and cubic interpolation, an SDE with `SPaRK` and space-time
 Lévy area, a continuous normalising flow solved backwards in time), batched with
 `jax.vmap` so that the members take different numbers of steps, with only the solver
-constructor changed. For each reversible solver: the loss is finite, the gradient of
-`ReversibleAdjoint` equals that of `RecursiveCheckpointAdjoint` with the same solver
-(float64, 1e-10), and a few steps of gradient descent lower the loss.
+constructor changed. For each pairing of an example and a solver (`CASES`): the
+loss is finite, the gradient of `ReversibleAdjoint` equals that of
+`RecursiveCheckpointAdjoint` with the same solver (float64, 1e-10), and a few steps
+of gradient descent lower the loss.
 """
 
 import functools as ft
@@ -291,21 +292,20 @@ PROBLEMS = {
     "sde_spark": sde_spark,
     "cnf_backwards": cnf_backwards,
 }
-# Each solver meets several examples, and each example several solvers, without
-# compiling the full product (two gradients per case); the neural ODE, the cheapest,
-# meets all three ODE solvers.
+# Each example meets one solver (the neural ODE, the cheapest, two), and each ODE
+# solver two examples, without compiling the full product (two gradients per case,
+# about 10 s): every solver's gradient on every kind of problem and controller is
+# compared with `RecursiveCheckpointAdjoint`'s in tests/test_reversible_contract.py;
+# here the examples' own constructions (vmapped ragged batches, a latent encoder,
+# interpolated controls, Lévy area, a Jacobian trace solved backwards in time).
 CASES = [
     ("neural_ode", "ReversibleHeun"),
-    ("neural_ode", "Reversible(Tsit5)"),
     ("neural_ode", "AsynchronousLeapfrog"),
     ("latent_ode", "Reversible(Tsit5)"),
-    ("latent_ode", "AsynchronousLeapfrog"),
-    ("neural_cde_linear", "ReversibleHeun"),
     ("neural_cde_linear", "AsynchronousLeapfrog"),
     ("neural_cde_cubic", "Reversible(Tsit5)"),
     ("sde_spark", "Reversible(SPaRK)"),
     ("cnf_backwards", "ReversibleHeun"),
-    ("cnf_backwards", "AsynchronousLeapfrog"),
 ]
 
 

@@ -22,6 +22,7 @@ import diffrax_extras as dxe
 
 from .helpers import (
     _safe_sum,
+    backprop,
     CDE_KNOTS,
     make_problem,
     max_relative_error,
@@ -32,7 +33,9 @@ from .helpers import (
 
 
 TIGHT: dict[str, Any] = dict(rtol=1e-11, atol=1e-11)
-RCP = dfx.RecursiveCheckpointAdjoint()
+# The reference, the discretised gradient: every step stored for the solves of at
+# most 4096 steps (diffrax's default `max_steps`), recursively checkpointed beyond.
+RCP = backprop(4096)
 GL = dxe.GaussLegendreAdjoint()
 SAVEAT = {
     "t1": dfx.SaveAt(t1=True),

@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 import diffrax_extras as dxe
 
 from .helpers import (
+    backprop,
     EXACT,
     grad_of,
     make_loss,
@@ -78,7 +79,7 @@ def test_backwards_in_time_and_trivial_interval(t0, t1):
         return jnp.sum(_ode_solve(adjoint, y0, a, t0=t0, t1=t1, ts=ts) ** 2)
 
     y0, a = jnp.array([1.0, 2.0]), jnp.array(0.7)
-    ref = jax.grad(loss, argnums=(0, 1))(y0, a, dfx.RecursiveCheckpointAdjoint())
+    ref = jax.grad(loss, argnums=(0, 1))(y0, a, backprop(4096))
     rev = jax.grad(loss, argnums=(0, 1))(y0, a, dxe.ReversibleAdjoint())
     assert max_relative_error(ref, rev) < EXACT
 
@@ -101,7 +102,7 @@ def test_vmap_and_grad_compose():
             jax.grad(lambda yi, pi: loss(yi, pi, adj), argnums=(0, 1))
         )(y0, a),
     ):
-        ref = jax.jit(adjoint_grad, static_argnums=0)(dfx.RecursiveCheckpointAdjoint())
+        ref = jax.jit(adjoint_grad, static_argnums=0)(backprop(4096))
         rev = jax.jit(adjoint_grad, static_argnums=0)(dxe.ReversibleAdjoint())
         assert max_relative_error(ref, rev) < EXACT
 
@@ -118,11 +119,9 @@ def test_progress_meter_runs():
         )
 
     grad = jax.grad(loss)(jnp.array([1.0, 2.0]))
-    ref = jax.grad(
-        lambda y0: jnp.sum(
-            _ode_solve(dfx.RecursiveCheckpointAdjoint(), y0, jnp.array(1.0))
-        )
-    )(jnp.array([1.0, 2.0]))
+    ref = jax.grad(lambda y0: jnp.sum(_ode_solve(backprop(4096), y0, jnp.array(1.0))))(
+        jnp.array([1.0, 2.0])
+    )
     assert max_relative_error(ref, grad) < EXACT
 
 
@@ -219,7 +218,7 @@ def test_parameters_closed_over_by_the_vector_field():
         return jnp.sum(sol.ys**2)
 
     y0, a = jnp.array([1.0, 2.0]), jnp.array(0.7)
-    ref = jax.grad(loss, argnums=(0, 1))(y0, a, dfx.RecursiveCheckpointAdjoint())
+    ref = jax.grad(loss, argnums=(0, 1))(y0, a, backprop(40))
     rev = jax.grad(loss, argnums=(0, 1))(y0, a, dxe.ReversibleAdjoint())
     assert max_relative_error(ref, rev) < EXACT
 
@@ -265,7 +264,7 @@ def test_chunked_solve_continued_from_its_solver_state(solver):
     # (it was dropped, and the gradient was 1.5-25% off).
     a = jnp.array([1.3, 0.4])
     grad = jax.jit(jax.grad(_chunked_loss, argnums=2), static_argnums=(0, 1))
-    reference = grad(solver, dfx.RecursiveCheckpointAdjoint(), a)
+    reference = grad(solver, backprop(16), a)
     assert max_relative_error(reference, grad(solver, dxe.ReversibleAdjoint(), a)) < (
         EXACT
     )
@@ -301,5 +300,5 @@ def test_parameters_closed_over_by_saveat_fn_and_control():
 
     params = (jnp.array([[0.3, -0.5], [0.8, 0.1]]), jnp.array(1.3))
     grad = jax.jit(jax.grad(loss), static_argnums=1)
-    reference = grad(params, dfx.RecursiveCheckpointAdjoint())
+    reference = grad(params, backprop(32))
     assert max_relative_error(reference, grad(params, dxe.ReversibleAdjoint())) < EXACT
