@@ -268,13 +268,12 @@ def headline(data) -> list[dict]:
     def faster(name, than=base):
         return than["ms_per_step"] / rows[name]["ms_per_step"]
 
-    full = FULL_STACK
     return [
         dict(
             comparison="neural SDE training step, full stack",
-            ours=full,
+            ours=FULL_STACK,
             instead_of=data["baseline"],
-            measured=faster(full),
+            measured=faster(FULL_STACK),
             unit="x faster",
             paper=None,
             source=f"{KIDGER} report the parts, not the stack",
