@@ -38,18 +38,18 @@ import xml.etree.ElementTree as ElementTree
 ROOT = pathlib.Path(__file__).parent.parent
 # The benchmark sections of the runner's tiny run (`python -m benchmarks --mode
 # tiny`), each run as a script of its own so that both cores can share them, longest
-# first (seconds each, run two at a time on 2 cores: 61, 41, 40, 38, 32, 29, 12, 12);
-# `peers` only where torch is importable, as the runner does. The runner then
-# assembles their results.
+# first (seconds each in CI on 2 cores, beside the test process, 2026-12-03: 68, 58,
+# 55, 48, 48, 38, 23, 20); `peers` only where torch is importable, as the runner
+# does. The runner then assembles their results.
 BENCHMARK_SECTIONS = [
-    "sde_step",
     "sde_gan_step",
+    "sde_step",
     "gauss_legendre_adjoint",
     "gradient_error",
-    "sde_gan_gradients",
     "reversible_adjoint",
-    "brownian",
+    "sde_gan_gradients",
     "reconstruction_check",
+    "brownian",
 ] + (["peers"] if importlib.util.find_spec("torch") is not None else [])
 # Script name -> the command's arguments after `python`; `{out}` is the process's
 # folder, `{benchmarks}` that of the runner's tiny run. A test asks for one with
