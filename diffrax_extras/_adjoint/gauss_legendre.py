@@ -73,11 +73,12 @@ class GaussLegendreAdjoint(AbstractAdjoint):
     by a composite Gauss–Legendre rule over the backward solve's accepted steps: on
     every step, $y$ and $a$ are read at `n_nodes` nodes off the step's dense
     interpolation, and the integrand at the nodes of many steps at once is one batched
-    vector-Jacobian product. The `(n_nodes - 1)`-point rule on the same step gives an
-    error estimate. Where it is above tolerance, the steps are cut into halves, then
-    quarters, and so on; if it is still above tolerance after `max_refinements`
-    halvings, the gradient is NaN (or, with `throw=True`, an error says what to change),
-    never a number that may be wrong.
+    vector-Jacobian product, with respect to the inputs being differentiated only
+    (the others are neither integrated nor checked). The `(n_nodes - 1)`-point rule
+    on the same step gives an error estimate. Where it is above tolerance, the steps
+    are cut into halves, then quarters, and so on; if it is still above tolerance
+    after `max_refinements` halvings, the gradient is NaN (or, with `throw=True`, an
+    error says what to change), never a number that may be wrong.
 
     The backward solve stops at, and no quadrature rule straddles, every time where the
     integrand may not be smooth: the saved times (where $a$ jumps), the `jump_ts` and
@@ -362,7 +363,8 @@ def _loop_quadrature_bwd(
     init_state,
     progress_meter,
 ):
-    del perturbed, event, saveat, t1, init_state, progress_meter
+    del event, saveat, t1, init_state, progress_meter
+    _, *perturbed_params = perturbed  # those of (args, terms)
     save_ts, save_ys, result = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     grad_ys = materialise_cotangent(save_ys, grad_final_state.save_state.ys)
@@ -397,7 +399,7 @@ def _loop_quadrature_bwd(
         grad_ys=grad_ys,
         backward=setup.backward,
         quadrature=setup.quadrature,
-        integrand=integrand(args, terms),
+        integrand=integrand(args, terms, tuple(perturbed_params)),
         result=result,
     )
     ct_args, ct_terms = outcome.value

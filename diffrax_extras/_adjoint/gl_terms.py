@@ -144,12 +144,21 @@ def backward_vector_field(s, z, args):
     return jtu.tree_map(jnp.negative, f), a_f_y
 
 
-def integrand(args, terms) -> Integrand:
+def integrand(args, terms, perturbed: PyTree[bool]) -> Integrand:
+    """The integrand over the inexact arrays of `(args, terms)` that are being
+    differentiated, as `perturbed` (from `equinox.filter_custom_vjp`, with their
+    structure) marks them; `None` for the others. An input nobody differentiates
+    would otherwise be integrated, held at the parameters' size, and could make the
+    quadrature refine (or give NaN, above its error estimate) for nothing."""
+    diff, fixed = eqx.partition((args, terms), perturbed)
+
     def pullback(ts, ys, cts):
-        def _f(_args, _terms):
+        def _f(_diff):
+            _args, _terms = eqx.combine(_diff, fixed)
             return jax.vmap(lambda t, y: ode_vector_field(_terms, t, y, _args))(ts, ys)
 
-        _, vjp_fn = eqx.filter_vjp(_f, args, terms)
-        return vjp_fn(cts)
+        _, vjp_fn = eqx.filter_vjp(_f, diff)
+        (ct,) = vjp_fn(cts)
+        return ct
 
-    return Integrand(pullback=pullback, zeros=zeros_cotangent((args, terms)))
+    return Integrand(pullback=pullback, zeros=zeros_cotangent(diff))
