@@ -142,7 +142,7 @@ def _filtered_linear():
     )
 
 
-def _ra_loss(a, *, solver=None, controller=None, dt0=0.1):
+def _ra_loss(a, *, solver=None, controller=None, dt0=0.1, **kwargs):
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -args * y),
         dxe.ReversibleHeun() if solver is None else solver,
@@ -156,6 +156,7 @@ def _ra_loss(a, *, solver=None, controller=None, dt0=0.1):
         if controller is None
         else controller,
         max_steps=64,
+        **kwargs,
     )
     assert sol.ys is not None
     return jnp.sum(sol.ys)
@@ -176,6 +177,20 @@ def _ra_setting_gradient(name):
             )
         if name == "dt0":
             return _ra_loss(jnp.array(1.0), dt0=x)
+        if name == "controller_state":
+            controller = dfx.PIDController(rtol=1e-3, atol=1e-6)
+            term = dfx.ODETerm(lambda t, y, args: -y)
+
+            def field(terms, t, y, args):
+                return terms.vf(t, y, args)
+
+            _, state = controller.init(term, 0.0, 1.0, jnp.ones(1), 0.1, None, field, 2)
+            state = jax.tree.map(
+                lambda c: c * x if eqx.is_inexact_array(c) else c, state
+            )
+            return _ra_loss(
+                jnp.array(1.0), controller=controller, controller_state=state
+            )
         return _ra_loss(jnp.array(1.0), solver=dxe.Reversible(dfx.Heun(), coupling=x))
 
     jax.grad(loss)(jnp.asarray({"jump_ts": 0.5, "rtol": 1e-3}.get(name, 0.1)))
@@ -407,6 +422,11 @@ CASES = {
         lambda: _ra_setting_gradient("dt0"),
         RuntimeError,
         "differentiate with respect to `dt0`",
+    ),
+    "ReversibleAdjoint gradient w.r.t. the controller's state": (
+        lambda: _ra_setting_gradient("controller_state"),
+        RuntimeError,
+        r"step size controller's state \(`diffeqsolve\(..., controller_state=",
     ),
     "ReversibleAdjoint gradient w.r.t. the coupling": (
         lambda: _ra_setting_gradient("coupling"),

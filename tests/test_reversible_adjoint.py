@@ -1,3 +1,5 @@
+from typing import Any
+
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -223,12 +225,15 @@ def test_parameters_closed_over_by_the_vector_field():
     assert max_relative_error(ref, rev) < EXACT
 
 
+def _van_der_pol(t, y, args):
+    return jnp.stack([y[1], -args[0] * y[0] - args[1] * y[1] * (1 - y[0] ** 2)])
+
+
 def _chunked_loss(solver, adjoint, a, num_chunks=3):
     """A solve continued chunk by chunk from the previous chunk's `sol.solver_state`
     inside a `lax.scan`, as when training on a long sequence in pieces."""
 
-    def field(t, y, args):
-        return jnp.stack([y[1], -args[0] * y[0] - args[1] * y[1] * (1 - y[0] ** 2)])
+    field = _van_der_pol
 
     def chunk(carry, i):
         y, state = carry
@@ -268,6 +273,42 @@ def test_chunked_solve_continued_from_its_solver_state(solver):
     assert max_relative_error(reference, grad(solver, dxe.ReversibleAdjoint(), a)) < (
         EXACT
     )
+
+
+def test_chunked_solve_continued_from_its_controller_state():
+    # Adaptive chunks that pass on the controller's state too (`SaveAt(
+    # controller_state=True)`). It carries no derivative, but as an output of the
+    # adjoint's `custom_vjp` it was taken to depend on the parameters, and the second
+    # chunk refused it with equinox's "Unexpected tangent".
+    field = _van_der_pol
+    controller = dfx.PIDController(rtol=1e-3, atol=1e-6)
+    saveat = dfx.SaveAt(t1=True, solver_state=True, controller_state=True)
+
+    def loss(a, adjoint):
+        kwargs: dict[str, Any] = dict(args=a, adjoint=adjoint, max_steps=128)
+        kwargs.update(stepsize_controller=controller, saveat=saveat)
+        y0 = jnp.array([1.0, 0.0])
+        first = dfx.diffeqsolve(dfx.ODETerm(field), SOLVER, 0, 1, 0.05, y0, **kwargs)
+        assert first.ys is not None
+        second = dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            SOLVER,
+            1,
+            2,
+            0.05,
+            first.ys[-1],
+            solver_state=first.solver_state,
+            controller_state=first.controller_state,
+            made_jump=first.made_jump,
+            **kwargs,
+        )
+        assert second.ys is not None
+        return jnp.sum(second.ys**2) + jnp.sum(first.ys**2)
+
+    a = jnp.array([1.3, 0.4])
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    reference = grad(a, backprop(128))
+    assert max_relative_error(reference, grad(a, dxe.ReversibleAdjoint())) < EXACT
 
 
 def test_parameters_closed_over_by_saveat_fn_and_control():

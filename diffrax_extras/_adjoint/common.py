@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from diffrax import AbstractTerm, RESULTS, SaveAt, SubSaveAt
@@ -188,7 +189,35 @@ def nondifferentiable_settings(
         init_state,
         replace_fn=lambda t: nondifferentiable(t, msg=msg),
     )
+    msg = _not_differentiable(
+        adjoint,
+        "the step size controller's state (`diffeqsolve(..., controller_state=...)`; "
+        "the one this adjoint returns is not differentiated, so it can be passed on "
+        "as it is)",
+    )
+    init_state = eqx.tree_at(
+        lambda s: s.controller_state,
+        init_state,
+        replace_fn=lambda c: nondifferentiable(c, msg=msg),
+        is_leaf=is_none,
+    )
     return solver, stepsize_controller, dt0, init_state
+
+
+def controller_state_not_differentiated(final_state: Any) -> Any:
+    """The final state with its step size controller's state cut off from autodiff.
+
+    These adjoints take the step times as constants (and diffrax's controllers stop
+    gradients through their step sizes anyway), so the controller's state carries no
+    derivative. Left as an output of the adjoint's `custom_vjp`, JAX would count it
+    as depending on every differentiated input, and a solve continued from it with
+    `controller_state=` would be refused."""
+    return eqx.tree_at(
+        lambda s: s.controller_state,
+        final_state,
+        replace_fn=lax.stop_gradient,
+        is_leaf=is_none,
+    )
 
 
 def check_no_event(adjoint: str, event: Any, why: str) -> None:

@@ -26,6 +26,7 @@ from .._misc import (
 from .common import (
     check_no_dense,
     check_no_event,
+    controller_state_not_differentiated,
     is_subsaveat,
     prepare_differentiated_inputs,
     put_back,
@@ -290,7 +291,8 @@ class GaussLegendreAdjoint(AbstractAdjoint):
             t1=t1,
             **kwargs,
         )
-        return only_transpose_ys(final_state), aux_stats
+        final_state = only_transpose_ys(final_state)
+        return controller_state_not_differentiated(final_state), aux_stats
 
 
 def _check_saveat(saveat) -> None:

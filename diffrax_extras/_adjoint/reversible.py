@@ -17,6 +17,7 @@ from .common import (
     check_no_dense,
     check_no_event,
     closure_convert_saveat,
+    controller_state_not_differentiated,
     is_subsaveat,
     nan_if_failed,
     nan_or_raise,
@@ -209,7 +210,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         final_state = eqx.tree_at(
             lambda s: s.solver_state, final_state, solver_state, is_leaf=is_none
         )
-        return final_state, aux_stats
+        return controller_state_not_differentiated(final_state), aux_stats
 
 
 ReversibleAdjoint.__init__.__doc__ = f"""**Arguments:**
