@@ -142,14 +142,14 @@ def _filtered_linear():
     )
 
 
-def _ra_loss(a, *, solver=None, controller=None, dt0=0.1, **kwargs):
+def _ra_loss(a, *, solver=None, controller=None, dt0=0.1, y0=None, **kwargs):
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -args * y),
         dxe.ReversibleHeun() if solver is None else solver,
         0.0,
         1.0,
         dt0,
-        jnp.array([1.0]),
+        jnp.array([1.0]) if y0 is None else y0,
         args=a,
         adjoint=_RA,
         stepsize_controller=dfx.ConstantStepSize()
@@ -160,6 +160,16 @@ def _ra_loss(a, *, solver=None, controller=None, dt0=0.1, **kwargs):
     )
     assert sol.ys is not None
     return jnp.sum(sol.ys)
+
+
+def _grad_of_grad_wrt_y0(loss):
+    """The gradient with respect to `args` of the gradient with respect to `y0`: it
+    reaches the backward pass through the residuals, not the marked inputs."""
+
+    def grad_y0(a):
+        return jnp.sum(jax.grad(lambda y: loss(a, y0=y))(jnp.array([1.0])))
+
+    return jax.grad(grad_y0)(jnp.array(1.0))
 
 
 def _ra_setting_gradient(name):
@@ -208,14 +218,16 @@ def _langevin(solver):
     return dfx.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, (jnp.zeros(1), jnp.zeros(1)))
 
 
-def _gl_loss(a, *, controller=None, adjoint=None, dt0: float | None = 0.1, throw=True):
+def _gl_loss(
+    a, *, controller=None, adjoint=None, dt0: float | None = 0.1, throw=True, y0=None
+):
     sol = dfx.diffeqsolve(
         dfx.ODETerm(lambda t, y, args: -args * y),
         dfx.Tsit5(),
         0.0,
         1.0,
         dt0,
-        jnp.array([1.0]),
+        jnp.array([1.0]) if y0 is None else y0,
         args=a,
         adjoint=_GL if adjoint is None else adjoint,
         stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8)
@@ -408,6 +420,11 @@ CASES = {
         TypeError,
         r"first derivatives only.*diffrax.DirectAdjoint",
     ),
+    "ReversibleAdjoint, grad w.r.t. args of grad w.r.t. y0": (
+        lambda: _grad_of_grad_wrt_y0(_ra_loss),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
     "ReversibleAdjoint gradient w.r.t. jump_ts": (
         lambda: _ra_setting_gradient("jump_ts"),
         RuntimeError,
@@ -589,6 +606,12 @@ CASES = {
     ),
     "GaussLegendreAdjoint, grad of grad": (
         lambda: jax.grad(jax.grad(_gl_loss))(jnp.array(1.0)),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
+    # It once met JAX's "Differentiation rule for 'nextafter' not implemented".
+    "GaussLegendreAdjoint, grad w.r.t. args of grad w.r.t. y0": (
+        lambda: _grad_of_grad_wrt_y0(_gl_loss),
         TypeError,
         r"first derivatives only.*diffrax.DirectAdjoint",
     ),

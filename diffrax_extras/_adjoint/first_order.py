@@ -121,9 +121,27 @@ def _messages(adjoint: str) -> tuple[str, str]:
     return forward, higher
 
 
+def _bind(primitive, tree: PyTree, adjoint: str) -> PyTree:
+    forward, higher = _messages(adjoint)
+    bind = ft.partial(primitive.bind, forward=forward, higher=higher)
+    return jtu.tree_map(lambda x: bind(x) if eqx.is_inexact_array(x) else x, tree)
+
+
 def reverse_mode_only(tree: PyTree, adjoint: str) -> PyTree:
     """The identity on every inexact array of `tree`, marked as differentiable once,
     in reverse mode, by the adjoint named `adjoint` (which the errors name)."""
-    forward, higher = _messages(adjoint)
-    bind = ft.partial(_mark_p.bind, forward=forward, higher=higher)
-    return jtu.tree_map(lambda x: bind(x) if eqx.is_inexact_array(x) else x, tree)
+    return _bind(_mark_p, tree, adjoint)
+
+
+def not_differentiated_again(tree: PyTree, adjoint: str) -> PyTree:
+    """The identity on every inexact array of `tree`, refusing any derivative: for
+    the residuals and primal inputs of a backward pass. A second derivative (the
+    gradient of a gradient with respect to other inputs, say) reaches the backward
+    pass through them rather than through the marked inputs, and JAX would
+    differentiate it as far as some primitive without a rule (`nextafter`), or
+    differentiate through its loops, and fail there with its own message.
+
+    The cotangents are left alone: the backward pass is linear in them, so a
+    forward-mode derivative with respect to something only the loss depends on is
+    exact."""
+    return _bind(_primal_p, tree, adjoint)

@@ -32,7 +32,7 @@ from .common import (
     put_back,
     take_out,
 )
-from .first_order import reverse_mode_only
+from .first_order import not_differentiated_again, reverse_mode_only
 from .gl_backsolve import solve_backward
 from .gl_setup import backward_setup, check_outcome, NAME
 from .gl_stops import make_stops
@@ -366,6 +366,9 @@ def _loop_quadrature_bwd(
     progress_meter,
 ):
     del event, saveat, t1, init_state, progress_meter
+    residuals, y__args__terms = not_differentiated_again(
+        (residuals, y__args__terms), NAME
+    )
     _, *perturbed_params = perturbed  # those of (args, terms)
     save_ts, save_ys, result = residuals
     grad_final_state, _ = grad_final_state__aux_stats

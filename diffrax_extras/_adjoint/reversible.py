@@ -25,7 +25,7 @@ from .common import (
     put_back,
     take_out,
 )
-from .first_order import reverse_mode_only
+from .first_order import not_differentiated_again, reverse_mode_only
 from .reconstruction import (
     FLOOR_POWER,
     not_finite,
@@ -316,6 +316,7 @@ def _loop_reversible_bwd(
     **kwargs,
 ):
     del perturbed, kwargs
+    residuals, inputs = not_differentiated_again((residuals, inputs), _NAME)
     y_final, state_final, tfinal, result, record = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     y0, state0, args, terms, saveat = inputs
