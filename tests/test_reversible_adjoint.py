@@ -311,6 +311,26 @@ def test_chunked_solve_continued_from_its_controller_state():
     assert max_relative_error(reference, grad(a, dxe.ReversibleAdjoint())) < EXACT
 
 
+def test_forward_over_reverse_for_an_input_of_the_loss_alone():
+    # `q` enters the loss only, so its tangent reaches the backward pass through the
+    # cotangents, in which the backward pass is linear: exact, not refused.
+    def loss(a, q, adjoint):
+        y0 = jnp.array([1.0, 0.0])
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_van_der_pol), SOLVER, 0, 1, 0.1, y0, args=a, adjoint=adjoint
+        )
+        assert sol.ys is not None
+        return jnp.sum(jnp.sin(q[None] * sol.ys))
+
+    def mixed(adjoint):
+        grad_a = jax.grad(loss)
+        return jax.jit(jax.jacfwd(lambda q: grad_a(a, q, adjoint)))(q)
+
+    a, q = jnp.array([1.3, 0.4]), jnp.array([0.7, 1.3])
+    reference = mixed(dfx.DirectAdjoint())
+    assert max_relative_error(reference, mixed(dxe.ReversibleAdjoint())) < EXACT
+
+
 def test_parameters_closed_over_by_saveat_fn_and_control():
     # A trained read-out in `SaveAt(fn=...)` and a callable control over trained
     # data are differentiated as by `RecursiveCheckpointAdjoint`.
