@@ -369,7 +369,7 @@ def _loop_quadrature_bwd(
     residuals, y__args__terms = not_differentiated_again(
         (residuals, y__args__terms), NAME
     )
-    _, *perturbed_params = perturbed  # those of (args, terms)
+    perturbed_params = perturbed[1:]  # those of (args, terms)
     save_ts, save_ys, result = residuals
     grad_final_state, _ = grad_final_state__aux_stats
     grad_ys = materialise_cotangent(save_ys, grad_final_state.save_state.ys)
@@ -404,7 +404,7 @@ def _loop_quadrature_bwd(
         grad_ys=grad_ys,
         backward=setup.backward,
         quadrature=setup.quadrature,
-        integrand=integrand(args, terms, tuple(perturbed_params)),
+        integrand=integrand(args, terms, perturbed_params),
         result=result,
     )
     ct_args, ct_terms = outcome.value
