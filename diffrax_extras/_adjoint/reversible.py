@@ -148,7 +148,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        del passed_solver_state, passed_controller_state
+        del passed_controller_state
         solver = _reversible_solver(solver)
         check_no_event(
             _NAME, event, "the time of the event is not a step of the reversible solve."
@@ -188,6 +188,13 @@ class ReversibleAdjoint(AbstractAdjoint):
         )
         saveat = closure_convert_saveat(saveat, t0, init_state.y, args)
         (y0, solver_state0), init_state = take_out(init_state, _DIFFERENTIATED)
+        if not passed_solver_state:
+            # diffrax computed this state with `solver.init` before the solve; had
+            # its derivative flowed from there, JAX would keep that evaluation's
+            # residuals (for a neural vector field, its activations) alive
+            # throughout the solve. The backward pass differentiates `solver.init`
+            # again at the end instead.
+            solver_state0 = lax.stop_gradient(solver_state0)
         inputs = reverse_mode_only((y0, solver_state0, args, terms, saveat), _NAME)
         final_state, aux_stats = _loop_reversible(
             inputs,
@@ -201,6 +208,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             max_jumps=max_jumps(stepsize_controller, max_steps),
             throw=throw,
             init_state=init_state,
+            initialised_here=not passed_solver_state,
             progress_meter=progress_meter,
         )
         # The saved outputs and, for a solve continued from `sol.solver_state`, the
@@ -259,9 +267,9 @@ def _reversible_solver(solver):
 
 @eqx.filter_custom_vjp
 def _loop_reversible(
-    inputs, *, self, init_state, max_steps, max_jumps, throw, **kwargs
+    inputs, *, self, init_state, max_steps, max_jumps, throw, initialised_here, **kwargs
 ):
-    del throw
+    del throw, initialised_here
     final_state, aux_stats, _ = _forward(
         inputs, self, init_state, max_steps, max_jumps, kwargs
     )
@@ -286,9 +294,18 @@ def _forward(inputs, self, init_state, max_steps, max_jumps, kwargs):
 
 @_loop_reversible.def_fwd
 def _loop_reversible_fwd(
-    perturbed, inputs, *, self, init_state, max_steps, max_jumps, throw, **kwargs
+    perturbed,
+    inputs,
+    *,
+    self,
+    init_state,
+    max_steps,
+    max_jumps,
+    throw,
+    initialised_here,
+    **kwargs,
 ):
-    del perturbed, throw
+    del perturbed, throw, initialised_here
     final_state, aux_stats, record = _forward(
         inputs, self, init_state, max_steps, max_jumps, kwargs
     )
@@ -313,6 +330,8 @@ def _loop_reversible_bwd(
     solver,
     throw,
     t0,
+    init_state,
+    initialised_here,
     **kwargs,
 ):
     del perturbed, kwargs
@@ -372,7 +391,13 @@ def _loop_reversible_bwd(
             (ct_y0, ct_args, ct_fns[k]), t0, y0, args
         )
     ct_saveat = _saveat_cotangent(saveat, saves, ct_fns)
-    cotangents = (ct_y0, carry.ct_state, ct_args, carry.ct_terms, ct_saveat)
+    ct_state0, ct_terms = carry.ct_state, carry.ct_terms
+    if initialised_here:
+        ct_y0, ct_args, ct_terms = _pull_back_init(
+            solver, init_state, carry.y, inputs, ct_state0, (ct_y0, ct_args, ct_terms)
+        )
+        ct_state0 = zeros_cotangent(state0)
+    cotangents = (ct_y0, ct_state0, ct_args, ct_terms, ct_saveat)
 
     cotangents = nan_if_failed(result, cotangents)
     cotangents = nan_or_raise(
@@ -403,6 +428,24 @@ def _loop_reversible_bwd(
         "than `reconstruction_tol`): running the solver backwards is unstable here, "
         "so the gradient would be wrong. " + solver.unstable_reconstruction_advice(),
     )
+
+
+def _pull_back_init(solver, init_state, y0, inputs, ct_state0, cts):
+    """Adds to the cotangents `cts` of `(y0, args, terms)` those that reach them
+    through the initial solver state, which diffrax computed with `solver.init`.
+
+    Differentiated at `y0` as rebuilt by the backward loop, as every step was at its
+    rebuilt state: an evaluation at the true `y0` would be merged by XLA with the
+    forward one, whose residuals would then stay alive throughout the solve.
+    """
+    _, state0, args, terms, _ = inputs
+    tprev, tnext = init_state.tprev, init_state.tnext
+
+    def init(_y0, _args, _terms):
+        return solver.init(_terms, tprev, tnext, _y0, _args)
+
+    _, init_vjp = eqx.filter_vjp(init, y0, args, terms)
+    return tree_add(cts, init_vjp(materialise_cotangent(state0, ct_state0)))
 
 
 def _reconstruction_failed(true, rebuilt, scales, tol, made_jump0):
