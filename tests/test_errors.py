@@ -172,6 +172,17 @@ def _grad_of_grad_wrt_y0(loss):
     return jax.grad(grad_y0)(jnp.array(1.0))
 
 
+def _second_wrt_a_loss_input(loss, outer):
+    """`outer` (`jax.grad` or `jax.jacfwd`) of the gradient with respect to `args`,
+    with respect to a weight that only the loss depends on: it reaches the backward
+    pass through the cotangents that pass is given."""
+
+    def grad_args(q):
+        return jax.grad(lambda a: q * loss(a))(jnp.array(1.0))
+
+    return outer(grad_args)(jnp.array(2.0))
+
+
 def _ra_setting_gradient(name):
     """The gradient with respect to a setting that is not differentiable."""
 
@@ -425,6 +436,12 @@ CASES = {
         TypeError,
         r"first derivatives only.*diffrax.DirectAdjoint",
     ),
+    # Forward over reverse is exact there (tests/test_reversible_adjoint.py).
+    "ReversibleAdjoint, grad of grad w.r.t. an input of the loss alone": (
+        lambda: _second_wrt_a_loss_input(_ra_loss, jax.grad),
+        TypeError,
+        r"first derivatives only.*jax.jacfwd\(jax.grad.*diffrax.DirectAdjoint",
+    ),
     "ReversibleAdjoint gradient w.r.t. jump_ts": (
         lambda: _ra_setting_gradient("jump_ts"),
         RuntimeError,
@@ -612,6 +629,16 @@ CASES = {
     # It once met JAX's "Differentiation rule for 'nextafter' not implemented".
     "GaussLegendreAdjoint, grad w.r.t. args of grad w.r.t. y0": (
         lambda: _grad_of_grad_wrt_y0(_gl_loss),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
+    "GaussLegendreAdjoint, grad of grad w.r.t. an input of the loss alone": (
+        lambda: _second_wrt_a_loss_input(_gl_loss, jax.grad),
+        TypeError,
+        r"first derivatives only.*diffrax.DirectAdjoint",
+    ),
+    "GaussLegendreAdjoint, jacfwd of grad w.r.t. an input of the loss alone": (
+        lambda: _second_wrt_a_loss_input(_gl_loss, jax.jacfwd),
         TypeError,
         r"first derivatives only.*diffrax.DirectAdjoint",
     ),

@@ -19,6 +19,12 @@ In a first-order `jax.grad` neither refusal is reached; under `jax.jvp`,
 passes through all three, and the JVP-then-partial-evaluation route that JAX takes
 inside `lax.scan`, `lax.while_loop` bodies and `jax.checkpoint` still ends in a
 transposition, so those stay first-order reverse mode and work.
+
+A second derivative can also reach a backward pass by other routes, which two more
+identities close: `not_differentiated_again` on the residuals and primal inputs of a
+backward pass (it refuses any derivative), and `not_transposed_again` on the
+cotangents that a backward pass returns (forward mode passes, reverse mode is
+refused), for an input that only the loss depends on.
 """
 
 import functools as ft
@@ -58,10 +64,11 @@ def _refuse_forward_mode(*args, forward, higher):
 _mark_p = jax.extend.core.Primitive("diffrax_extras_reverse_mode_only")
 _primal_p = jax.extend.core.Primitive("diffrax_extras_not_differentiated_again")
 _tangent_p = jax.extend.core.Primitive("diffrax_extras_forward_mode_tangent")
+_linear_p = jax.extend.core.Primitive("diffrax_extras_not_transposed_again")
 
-for _p in (_mark_p, _primal_p, _tangent_p):
+for _p in (_mark_p, _primal_p, _tangent_p, _linear_p):
     _p.def_abstract_eval(_identity)
-for _p in (_mark_p, _primal_p):
+for _p in (_mark_p, _primal_p, _linear_p):
     _p.def_impl(_identity)
     batching.primitive_batchers[_p] = _pass_through_batching(_p)
     _identity_lowering(_p)
@@ -97,13 +104,26 @@ def _tangent_transpose(ct, x, *, forward, higher):
     return [ct]
 
 
+def _linear_jvp(primals, tangents, **params):
+    (x,), (t,) = primals, tangents
+    out = _linear_p.bind(x, **params)
+    return out, t if type(t) is ad.Zero else _linear_p.bind(t, **params)
+
+
+def _linear_transpose(ct, x, *, forward, higher):
+    del ct, x, forward
+    raise TypeError(higher)
+
+
 ad.primitive_jvps[_mark_p] = _mark_jvp
 ad.primitive_jvps[_primal_p] = _primal_jvp
 ad.primitive_jvps[_tangent_p] = _tangent_jvp
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
+ad.primitive_jvps[_linear_p] = _linear_jvp
+ad.primitive_transposes[_linear_p] = _linear_transpose
 
 
-def _messages(adjoint: str) -> tuple[str, str]:
+def _messages(adjoint: str, higher_extra: str = "") -> tuple[str, str]:
     forward = (
         f"`{adjoint}()` differentiates in reverse mode only (`jax.grad`, `jax.vjp`, "
         "`jax.jacrev`), not in forward mode (`jax.jvp`, `jax.jacfwd`, "
@@ -114,15 +134,16 @@ def _messages(adjoint: str) -> tuple[str, str]:
     higher = (
         f"`{adjoint}()` computes first derivatives only: its backward pass cannot "
         "itself be differentiated, so `jax.hessian`, `jax.grad` of `jax.grad` and "
-        "other second derivatives are not available through it. Use "
-        "`diffeqsolve(..., adjoint=diffrax.DirectAdjoint())` for higher-order "
+        "other second derivatives are not available through it. "
+        + higher_extra
+        + "Use `diffeqsolve(..., adjoint=diffrax.DirectAdjoint())` for higher-order "
         "derivatives (or `adjoint=diffrax.ForwardMode()` for forward mode)."
     )
     return forward, higher
 
 
-def _bind(primitive, tree: PyTree, adjoint: str) -> PyTree:
-    forward, higher = _messages(adjoint)
+def _bind(primitive, tree: PyTree, adjoint: str, higher_extra: str = "") -> PyTree:
+    forward, higher = _messages(adjoint, higher_extra)
     bind = ft.partial(primitive.bind, forward=forward, higher=higher)
     return jtu.tree_map(lambda x: bind(x) if eqx.is_inexact_array(x) else x, tree)
 
@@ -145,3 +166,17 @@ def not_differentiated_again(tree: PyTree, adjoint: str) -> PyTree:
     forward-mode derivative with respect to something only the loss depends on is
     exact."""
     return _bind(_primal_p, tree, adjoint)
+
+
+def not_transposed_again(tree: PyTree, adjoint: str) -> PyTree:
+    """The identity on every inexact array of `tree`, for the cotangents that a
+    backward pass returns, if that pass is linear in the cotangents it is given and
+    forward mode can differentiate it there. Forward mode passes through (it is
+    linear); reverse mode, which would transpose the backward pass's loops, gets the
+    "first derivatives only" error instead of JAX's about `lax.while_loop`."""
+    extra = (
+        "(With respect to an input that only the loss depends on, take the outer "
+        "derivative in forward mode, `jax.jacfwd(jax.grad(...))` as `jax.hessian` "
+        "does: that one is exact.) "
+    )
+    return _bind(_linear_p, tree, adjoint, extra)

@@ -366,8 +366,11 @@ def _loop_quadrature_bwd(
     progress_meter,
 ):
     del event, saveat, t1, init_state, progress_meter
-    residuals, y__args__terms = not_differentiated_again(
-        (residuals, y__args__terms), NAME
+    # The cotangents too: the backward solve and the quadrature are not
+    # differentiable in forward mode either (diffrax's backward solve is itself a
+    # `custom_vjp`).
+    residuals, y__args__terms, grad_final_state__aux_stats = not_differentiated_again(
+        (residuals, y__args__terms, grad_final_state__aux_stats), NAME
     )
     perturbed_params = perturbed[1:]  # those of (args, terms)
     save_ts, save_ys, result = residuals

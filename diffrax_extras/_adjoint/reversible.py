@@ -25,7 +25,11 @@ from .common import (
     put_back,
     take_out,
 )
-from .first_order import not_differentiated_again, reverse_mode_only
+from .first_order import (
+    not_differentiated_again,
+    not_transposed_again,
+    reverse_mode_only,
+)
 from .reconstruction import (
     FLOOR_POWER,
     not_finite,
@@ -409,25 +413,28 @@ def _loop_reversible_bwd(
         "Use smaller steps, an adaptive step size controller, or look for the "
         "overflow in the vector field.",
     )
-    if self.reconstruction_tol is None:
-        return cotangents
-    failed = _reconstruction_failed(
-        (y0, kept(state0)),
-        (carry.y, kept(carry.solver_state)),
-        scales,
-        self.reconstruction_tol,
-        record.made_jump_at(0),
-    )
-    healthy = (result == RESULTS.successful) & ~diverged
-    return nan_or_raise(
-        cotangents,
-        failed & healthy,
-        throw,
-        "`ReversibleAdjoint` could not reconstruct the initial state on the backward "
-        "pass (the rebuilt `y0` or solver state differs from the true one by more "
-        "than `reconstruction_tol`): running the solver backwards is unstable here, "
-        "so the gradient would be wrong. " + solver.unstable_reconstruction_advice(),
-    )
+    if self.reconstruction_tol is not None:
+        failed = _reconstruction_failed(
+            (y0, kept(state0)),
+            (carry.y, kept(carry.solver_state)),
+            scales,
+            self.reconstruction_tol,
+            record.made_jump_at(0),
+        )
+        healthy = (result == RESULTS.successful) & ~diverged
+        cotangents = nan_or_raise(
+            cotangents,
+            failed & healthy,
+            throw,
+            "`ReversibleAdjoint` could not reconstruct the initial state on the "
+            "backward pass (the rebuilt `y0` or solver state differs from the true one "
+            "by more than `reconstruction_tol`): running the solver backwards is "
+            "unstable here, so the gradient would be wrong. "
+            + solver.unstable_reconstruction_advice(),
+        )
+    # Linear in the cotangents it was given, so forward mode may differentiate it
+    # there (with respect to an input of the loss alone); reverse mode may not.
+    return not_transposed_again(cotangents, _NAME)
 
 
 def _pull_back_init(solver, init_state, y0, inputs, ct_state0, cts):
