@@ -398,7 +398,11 @@ def _loop_reversible_bwd(
     ct_state0, ct_terms = carry.ct_state, carry.ct_terms
     if initialised_here:
         ct_y0, ct_args, ct_terms = _pull_back_init(
-            solver, init_state, carry.y, inputs, ct_state0, (ct_y0, ct_args, ct_terms)
+            solver,
+            init_state,
+            (carry.y, state0, args, terms),
+            ct_state0,
+            (ct_y0, ct_args, ct_terms),
         )
         ct_state0 = zeros_cotangent(state0)
     cotangents = (ct_y0, ct_state0, ct_args, ct_terms, ct_saveat)
@@ -437,15 +441,17 @@ def _loop_reversible_bwd(
     return not_transposed_again(cotangents, _NAME)
 
 
-def _pull_back_init(solver, init_state, y0, inputs, ct_state0, cts):
+def _pull_back_init(solver, init_state, primals, ct_state0, cts):
     """Adds to the cotangents `cts` of `(y0, args, terms)` those that reach them
-    through the initial solver state, which diffrax computed with `solver.init`.
+    through the initial solver state, which diffrax computed with `solver.init`;
+    `primals` is `(y0, state0, args, terms)`.
 
     Differentiated at `y0` as rebuilt by the backward loop, as every step was at its
-    rebuilt state: an evaluation at the true `y0` would be merged by XLA with the
-    forward one, whose residuals would then stay alive throughout the solve.
+    rebuilt state (`state0` gives only the structure): an evaluation at the true
+    `y0` would be merged by XLA with the forward one, whose residuals would then stay
+    alive throughout the solve.
     """
-    _, state0, args, terms, _ = inputs
+    y0, state0, args, terms = primals
     tprev, tnext = init_state.tprev, init_state.tnext
 
     def init(_y0, _args, _terms):
