@@ -140,30 +140,31 @@ def test_overflowing_forward_solve_gives_nan_gradient_or_raises():
         jax.block_until_ready(gradient(dxe.ReversibleAdjoint(), True))
 
 
+def _damped_leapfrog_gradient(adjoint, throw=True, dtype=jnp.float64):
+    def loss(a):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: jnp.tanh(a @ y)),
+            dxe.AsynchronousLeapfrog(damping=0.6),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(5.0, dtype),
+            jnp.asarray(0.1, dtype),
+            jnp.array([1.0, -0.5], dtype),
+            args=a,
+            adjoint=adjoint,
+            max_steps=50,
+            throw=throw,
+        )
+        assert sol.ys is not None
+        return jnp.sum(sol.ys**2)
+
+    return jax.jit(jax.grad(loss))(jnp.array([[0.0, 1.0], [-1.0, 0.0]], dtype))
+
+
 def test_unstable_reconstruction_raises_or_gives_nan():
     """Damping 0.6 makes the asynchronous leapfrog's inverse step expand errors by
     about 1/0.6 per step: after 50 steps the rebuilt states, and the gradient taken
     along them, are far off."""
-
-    def gradient(adjoint, throw=True):
-        def loss(a):
-            sol = dfx.diffeqsolve(
-                dfx.ODETerm(lambda t, y, a: jnp.tanh(a @ y)),
-                dxe.AsynchronousLeapfrog(damping=0.6),
-                0.0,
-                5.0,
-                0.1,
-                jnp.array([1.0, -0.5]),
-                args=a,
-                adjoint=adjoint,
-                max_steps=50,
-                throw=throw,
-            )
-            assert sol.ys is not None
-            return jnp.sum(sol.ys**2)
-
-        return jax.jit(jax.grad(loss))(jnp.array([[0.0, 1.0], [-1.0, 0.0]]))
-
+    gradient = _damped_leapfrog_gradient
     exact = gradient(dfx.RecursiveCheckpointAdjoint())
     unchecked = gradient(dxe.ReversibleAdjoint(reconstruction_tol=None))
     # What the check guards against: a finite gradient, and a wrong one.
@@ -173,6 +174,45 @@ def test_unstable_reconstruction_raises_or_gives_nan():
         jax.block_until_ready(gradient(dxe.ReversibleAdjoint()))
     # With `throw=False` nothing raises, and the gradient says it cannot be trusted.
     assert np.all(np.isnan(gradient(dxe.ReversibleAdjoint(), throw=False)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_reconstruction_is_held_to_a_few_roundings(dtype):
+    """The default tolerance (5e-4) is below one rounding in float16 and bfloat16:
+    held to it, a stable reversible Heun solve rebuilt to within one rounding was
+    refused. Each element is now held to at least 4 roundings, which still refuses
+    the unstable leapfrog above."""
+
+    def gradient(adjoint):
+        def loss(y0, a):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(lambda t, y, a: -a * y),
+                dxe.ReversibleHeun(),
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(1.0, dtype),
+                jnp.asarray(0.1, dtype),
+                y0,
+                args=a,
+                adjoint=adjoint,
+            )
+            assert sol.ys is not None
+            return jnp.sum(sol.ys)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return grad(jnp.ones(2, dtype), jnp.asarray(0.5, dtype))
+
+    reference = gradient(dfx.RecursiveCheckpointAdjoint())
+    ours = gradient(dxe.ReversibleAdjoint())
+    eps = float(jnp.finfo(dtype).eps)
+    for a, b in zip(reference, ours, strict=True):
+        assert a.dtype == b.dtype == dtype
+        # The two differ by how the backward pass rounds: a few roundings.
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.max(np.abs(a - b)) <= 4 * eps * np.max(np.abs(a))
+    with pytest.raises(Exception, match="could not reconstruct the initial state"):
+        jax.block_until_ready(
+            _damped_leapfrog_gradient(dxe.ReversibleAdjoint(), True, dtype)
+        )
 
 
 def _neural_sde_loss(key, params, static):

@@ -32,6 +32,7 @@ from .first_order import (
 )
 from .reconstruction import (
     FLOOR_POWER,
+    MIN_ROUNDINGS,
     not_finite,
     reconstruction_error,
     reconstruction_scale,
@@ -240,7 +241,9 @@ ReversibleAdjoint.__init__.__doc__ = f"""**Arguments:**
     be wrong with a well rebuilt state, so check such a gradient once against
     `diffrax.RecursiveCheckpointAdjoint`.
     The default `{RECONSTRUCTION_TOL}` was chosen from the measured cases in the
-    documentation's reliability page. `None` skips the check.
+    documentation's reliability page. No element is held to less than
+    `{MIN_ROUNDINGS} * eps` of its dtype (in float16 and bfloat16 the default is below
+    one rounding). `None` skips the check.
 """
 
 
@@ -467,8 +470,8 @@ def _reconstruction_failed(true, rebuilt, scales, tol, made_jump0):
         rebuilt,
         scales,
     )
-    y_error = reconstruction_error(y0, y_rebuilt, y_scale)
-    state_error = reconstruction_error(state0, state_rebuilt, state_scale)
+    y_error = reconstruction_error(y0, y_rebuilt, y_scale, tol)
+    state_error = reconstruction_error(state0, state_rebuilt, state_scale, tol)
     # After a jump at t0 the first step refreshed the parts of the solver state that
     # the jump made stale; the rebuilt state holds the refreshed values.
     state_error = jnp.where(made_jump0, 0, state_error)
