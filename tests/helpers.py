@@ -265,6 +265,24 @@ def max_relative_error(reference, other, floor: float = 0.0) -> float:
     return max(errors)
 
 
+def decay_loss(solver, y0, a, adjoint=None):
+    """A forced decay `y' = -a y + sin t` over [0, 1] in 100 steps, in the dtype of
+    `y0`: the problem of the reduced-precision tests. `adjoint` defaults to
+    `ReversibleAdjoint()`."""
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
+        solver,
+        jnp.asarray(0.0, y0.dtype),
+        jnp.asarray(1.0, y0.dtype),
+        jnp.asarray(0.01, y0.dtype),
+        y0,
+        args=a,
+        adjoint=dxe.ReversibleAdjoint() if adjoint is None else adjoint,
+    )
+    assert sol.ys is not None
+    return jnp.sum(sol.ys**2)
+
+
 #
 # Reversible solvers: inversion and convergence, shared by every solver's test file.
 #

@@ -18,6 +18,7 @@ import diffrax_extras as dxe
 
 from .helpers import (
     backprop,
+    decay_loss,
     EXACT,
     fused_vjp_error,
     grad_of,
@@ -136,27 +137,12 @@ def test_gradient_matches_recursive_checkpoint(name, kind, controller, saveat):
     assert max_relative_error(grad_ref(params), grad_rev(params)) < EXACT
 
 
-def _decay_loss(solver, y0, a):
-    sol = dfx.diffeqsolve(
-        dfx.ODETerm(lambda t, y, a: -a * y + jnp.sin(t)),
-        solver,
-        jnp.asarray(0.0, y0.dtype),
-        jnp.asarray(1.0, y0.dtype),
-        jnp.asarray(0.01, y0.dtype),
-        y0,
-        args=a,
-        adjoint=dxe.ReversibleAdjoint(),
-    )
-    assert sol.ys is not None
-    return jnp.sum(sol.ys**2)
-
-
 @pytest.mark.parametrize("name", SOLVERS)
 def test_float32(name):
     # In float32 the reconstruction drifts by rounding (~1e-7 per step, times the
     # growth of the backward dynamics); over 100 steps of this contractive ODE the
     # gradient stays within 1e-4 of the float64 one.
-    grad = jax.grad(_decay_loss, argnums=(1, 2))
+    grad = jax.grad(decay_loss, argnums=(1, 2))
     y64, a64 = jnp.array([1.0, 2.0]), jnp.array(0.7)
     g64 = grad(SOLVERS[name], y64, a64)
     g32 = grad(SOLVERS[name], y64.astype(jnp.float32), a64.astype(jnp.float32))

@@ -69,8 +69,9 @@ def reconstruction_error(
 ) -> Array:
     """The largest relative error of `rebuilt` against `true` over every inexact
     array element, relative to `scale` (from `reconstruction_scale`). Given the
-    tolerance `tol`, each element's error is rescaled so that it passes at most `tol`
-    exactly when it is at most `max(tol, MIN_ROUNDINGS * eps)` for its dtype's `eps`."""
+    tolerance `tol`, each element's error is scaled by `tol / max(tol, MIN_ROUNDINGS *
+    eps)` for its dtype's `eps`, so that, compared with `tol`, no element is held to
+    less than `MIN_ROUNDINGS` roundings."""
 
     def leaf_error(a, b, c):
         if c is None:
